@@ -1,0 +1,423 @@
+"""What happens next in a saga, decided from a snapshot of its state.
+
+``decide`` is pure: it takes the saga's definition, its current snapshot and one event, checks
+every change against the transition table, and returns the transitions to record and the tasks to
+publish. The store writes them in one transaction; only after the commit are tasks published.
+Because the input is the durable state, a duplicate or late callback finds nothing to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sagas.definition import Saga
+from sagas.errors import SagaStateError
+from sagas.states import (
+    STEP_ROLLED_BACK,
+    SagaState,
+    StepState,
+    check_saga_transition,
+    check_step_transition,
+)
+
+Phase = Literal["action", "compensation"]
+ACTION: Phase = "action"
+COMPENSATION: Phase = "compensation"
+
+
+@dataclass
+class StepSnapshot:
+    name: str
+    state: StepState = StepState.PENDING
+    attempts: int = 0
+    result: Any = None
+    error: str | None = None
+    compensation_attempts: int = 0
+
+    def attempt_of(self, phase: str) -> int:
+        return self.compensation_attempts if phase == COMPENSATION else self.attempts
+
+
+@dataclass
+class SagaSnapshot:
+    id: str
+    name: str
+    state: SagaState
+    input: dict[str, Any]
+    steps: dict[str, StepSnapshot]
+    error: str | None = None
+
+    def results(self) -> dict[str, Any]:
+        return {n: s.result for n, s in self.steps.items() if s.result is not None}
+
+
+@dataclass(frozen=True)
+class Transition:
+    step: str | None  # None: the saga itself
+    from_state: str | None
+    to_state: str
+    attempt: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    step: str
+    phase: Phase
+    attempt: int
+    countdown: float = 0.0
+
+
+# --- events ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Started:
+    pass
+
+
+@dataclass(frozen=True)
+class StepSucceeded:
+    step: str
+    phase: Phase
+    result: Any = None
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    step: str
+    phase: Phase
+    error: str
+    # False when the failure says nothing about the effect (worker lost, broker or backend
+    # unreachable): the pivot, which has no compensation, is then re-driven, never failed.
+    definite: bool = True
+
+
+@dataclass(frozen=True)
+class StepRetrying:
+    step: str
+    phase: Phase
+    attempt: int
+    error: str
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    reason: str = "cancelled by operator"
+
+
+@dataclass(frozen=True)
+class RetryRequested:
+    """An operator resumes a parked saga (or re-drives a stalled one)."""
+
+
+@dataclass(frozen=True)
+class Redrive:
+    """Recovery re-publishes work that made no progress; same idempotency keys."""
+
+    steps: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeadlinePassed:
+    """The saga's own deadline passed: unless it is at or past its pivot, it compensates."""
+
+    reason: str = "saga deadline passed"
+
+
+Event = (
+    Started | StepSucceeded | StepFailed | StepRetrying | CancelRequested | RetryRequested
+    | Redrive | DeadlinePassed
+)
+
+
+@dataclass
+class Decision:
+    transitions: list[Transition] = field(default_factory=list)
+    dispatches: list[Dispatch] = field(default_factory=list)
+    changed_steps: set[str] = field(default_factory=set)
+    saga_changed: bool = False
+    ignored: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.transitions)
+
+
+class _Machine:
+    """Applies transitions to a snapshot, refusing anything outside the table."""
+
+    def __init__(self, saga: Saga, snap: SagaSnapshot) -> None:
+        self.saga = saga
+        self.snap = snap
+        self.out = Decision()
+
+    # -- primitive moves --
+    def saga_to(self, target: SagaState, error: str | None = None) -> None:
+        check_saga_transition(self.snap.state, target)
+        self.out.transitions.append(Transition(None, self.snap.state, target, 0, error))
+        self.snap.state = target
+        if error:
+            self.snap.error = error
+        self.out.saga_changed = True
+
+    def step_to(
+        self,
+        name: str,
+        target: StepState,
+        *,
+        error: str | None = None,
+        bump_attempt: bool = False,
+        result: Any = None,
+        keep_step_error: bool = False,
+    ) -> StepSnapshot:
+        step = self.snap.steps[name]
+        check_step_transition(name, step.state, target)
+        compensating = target in (
+            StepState.COMPENSATING, StepState.COMPENSATED, StepState.COMPENSATION_FAILED
+        )
+        if bump_attempt:
+            if compensating:
+                step.compensation_attempts += 1
+            else:
+                step.attempts += 1
+        attempt = step.compensation_attempts if compensating else step.attempts
+        self.out.transitions.append(Transition(name, step.state, target, attempt, error))
+        step.state = target
+        if error is not None and not keep_step_error:
+            step.error = error
+        if result is not None:
+            step.result = result
+        self.out.changed_steps.add(name)
+        return step
+
+    def dispatch(self, name: str, phase: Phase, countdown: float = 0.0) -> None:
+        self.out.dispatches.append(
+            Dispatch(name, phase, self.snap.steps[name].attempt_of(phase), countdown)
+        )
+
+    # -- composite moves --
+    def run_ready_steps(self) -> None:
+        for name in self.saga.order:
+            step = self.snap.steps[name]
+            if step.state != StepState.PENDING:
+                continue
+            parents = self.saga.parents[name]
+            if all(self.snap.steps[p].state == StepState.SUCCEEDED for p in parents):
+                self.step_to(name, StepState.RUNNING, bump_attempt=True)
+                self.dispatch(name, ACTION)
+        if all(s.state == StepState.SUCCEEDED for s in self.snap.steps.values()):
+            self.saga_to(SagaState.COMPLETED)
+
+    def advance_rollback(self) -> None:
+        """Compensate newest-first: a step is undone once everything after it is settled."""
+        for name in reversed(self.saga.order):
+            if self.snap.steps[name].state == StepState.PENDING:
+                self.step_to(name, StepState.SKIPPED)
+        progressed = True
+        while progressed:
+            progressed = False
+            for name in reversed(self.saga.order):
+                step = self.snap.steps[name]
+                if step.state != StepState.SUCCEEDED:
+                    continue
+                children = self.saga.children[name]
+                if not all(self.snap.steps[c].state in STEP_ROLLED_BACK for c in children):
+                    continue
+                if self.saga.steps[name].compensation is None:
+                    self.step_to(name, StepState.SKIPPED)
+                    progressed = True
+                else:
+                    self.step_to(name, StepState.COMPENSATING, bump_attempt=True)
+                    self.dispatch(name, COMPENSATION)
+        busy = any(s.state not in STEP_ROLLED_BACK for s in self.snap.steps.values())
+        if busy or self.snap.state != SagaState.COMPENSATING:
+            return
+        failed = [
+            n for n, s in self.snap.steps.items() if s.state == StepState.COMPENSATION_FAILED
+        ]
+        if failed:
+            self.saga_to(
+                SagaState.COMPENSATION_FAILED,
+                error=f"compensation failed for: {', '.join(failed)}",
+            )
+        else:
+            self.saga_to(SagaState.COMPENSATED)
+
+    def pivot_passed(self) -> bool:
+        pivot = self.saga.pivot
+        return pivot is not None and self.snap.steps[pivot].state == StepState.SUCCEEDED
+
+
+def decide(saga: Saga, snap: SagaSnapshot, event: Event) -> Decision:
+    """Mutates ``snap`` into the next state and says what to record and publish."""
+    m = _Machine(saga, snap)
+    handler = _HANDLERS[type(event)]
+    reason = handler(m, event)
+    if reason is not None:
+        m.out.ignored = reason
+    return m.out
+
+
+def _on_started(m: _Machine, event: Started) -> str | None:
+    if m.snap.state != SagaState.PENDING:
+        return f"saga already {m.snap.state}"
+    m.saga_to(SagaState.RUNNING)
+    m.run_ready_steps()
+    return None
+
+
+def _on_succeeded(m: _Machine, event: StepSucceeded) -> str | None:
+    step = m.snap.steps.get(event.step)
+    if step is None:
+        return f"unknown step {event.step!r}"
+    if event.phase == ACTION:
+        if step.state != StepState.RUNNING:
+            return f"step {event.step!r} is {step.state}, not RUNNING"
+        m.step_to(event.step, StepState.SUCCEEDED, result=event.result)
+        if m.snap.state == SagaState.RUNNING:
+            m.run_ready_steps()
+        elif m.snap.state == SagaState.COMPENSATING:
+            m.advance_rollback()
+        return None
+    if step.state != StepState.COMPENSATING:
+        return f"step {event.step!r} is {step.state}, not COMPENSATING"
+    m.step_to(event.step, StepState.COMPENSATED)
+    if m.snap.state == SagaState.COMPENSATING:
+        m.advance_rollback()
+    return None
+
+
+def _on_failed(m: _Machine, event: StepFailed) -> str | None:
+    step = m.snap.steps.get(event.step)
+    if step is None:
+        return f"unknown step {event.step!r}"
+    if event.phase == COMPENSATION:
+        if step.state != StepState.COMPENSATING:
+            return f"step {event.step!r} is {step.state}, not COMPENSATING"
+        m.step_to(event.step, StepState.COMPENSATION_FAILED, error=event.error)
+        if m.snap.state == SagaState.COMPENSATING:
+            m.advance_rollback()
+        return None
+    if step.state != StepState.RUNNING:
+        return f"step {event.step!r} is {step.state}, not RUNNING"
+    if not event.definite and event.step == m.saga.pivot:
+        return f"pivot step {event.step!r} outcome unknown ({event.error}); recovery re-drives it"
+    if m.snap.state == SagaState.RUNNING and m.pivot_passed():
+        # Past the point of no return: the saga can only go forward.
+        m.step_to(event.step, StepState.FAILED, error=event.error)
+        m.step_to(event.step, StepState.RUNNING, bump_attempt=True)
+        policy = m.saga.steps[event.step].retry
+        m.dispatch(event.step, ACTION, countdown=policy.delay(step.attempts))
+        return None
+    m.step_to(event.step, StepState.FAILED, error=event.error)
+    if m.snap.state == SagaState.RUNNING:
+        m.saga_to(SagaState.COMPENSATING, error=f"step {event.step!r} failed: {event.error}")
+    if m.snap.state == SagaState.COMPENSATING:
+        m.advance_rollback()
+    return None
+
+
+def _on_retrying(m: _Machine, event: StepRetrying) -> str | None:
+    step = m.snap.steps.get(event.step)
+    if step is None:
+        return f"unknown step {event.step!r}"
+    expected = StepState.RUNNING if event.phase == ACTION else StepState.COMPENSATING
+    if step.state != expected:
+        return f"step {event.step!r} is {step.state}, not {expected}"
+    if step.attempt_of(event.phase) >= event.attempt:
+        return f"attempt {event.attempt} of {event.step!r} already recorded"
+    if event.phase == COMPENSATION:
+        step.compensation_attempts = event.attempt - 1
+    else:
+        step.attempts = event.attempt - 1
+    m.step_to(event.step, expected, error=event.error, bump_attempt=True)
+    return None
+
+
+def _on_cancel(m: _Machine, event: CancelRequested) -> str | None:
+    if m.snap.state == SagaState.COMPENSATING:
+        return "saga is already compensating"
+    if m.snap.state not in (SagaState.PENDING, SagaState.RUNNING):
+        raise SagaStateError(f"saga {m.snap.id} is {m.snap.state}; only a running saga cancels")
+    if m.pivot_passed():
+        raise SagaStateError(
+            f"saga {m.snap.id} passed its pivot step {m.saga.pivot!r}; it can only go forward"
+        )
+    m.saga_to(SagaState.COMPENSATING, error=event.reason)
+    m.advance_rollback()
+    return None
+
+
+def _on_retry(m: _Machine, event: RetryRequested) -> str | None:
+    if m.snap.state == SagaState.COMPENSATION_FAILED:
+        m.saga_to(SagaState.COMPENSATING)
+        for name in reversed(m.saga.order):
+            if m.snap.steps[name].state == StepState.COMPENSATION_FAILED:
+                m.step_to(name, StepState.COMPENSATING, bump_attempt=True)
+                m.dispatch(name, COMPENSATION)
+        m.advance_rollback()
+        return None
+    if m.snap.state in (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.PENDING):
+        return _on_redrive(m, Redrive())
+    raise SagaStateError(f"saga {m.snap.id} is {m.snap.state}; there is nothing to retry")
+
+
+def _on_redrive(m: _Machine, event: Redrive) -> str | None:
+    if m.snap.state == SagaState.PENDING:
+        return _on_started(m, Started())
+    wanted = set(event.steps) or set(m.snap.steps)
+    for name in m.saga.order:
+        step = m.snap.steps[name]
+        if name not in wanted:
+            continue
+        if step.state == StepState.RUNNING:
+            m.step_to(
+                name,
+                StepState.RUNNING,
+                bump_attempt=True,
+                error="re-driven by recovery",
+                keep_step_error=True,
+            )
+            m.dispatch(name, ACTION)
+        elif step.state == StepState.COMPENSATING:
+            m.step_to(
+                name,
+                StepState.COMPENSATING,
+                bump_attempt=True,
+                error="re-driven by recovery",
+                keep_step_error=True,
+            )
+            m.dispatch(name, COMPENSATION)
+    if m.snap.state == SagaState.RUNNING:
+        m.run_ready_steps()
+    elif m.snap.state == SagaState.COMPENSATING:
+        m.advance_rollback()
+    if not m.out.transitions:
+        return "nothing to re-drive"
+    return None
+
+
+def _on_deadline(m: _Machine, event: DeadlinePassed) -> str | None:
+    if m.snap.state not in (SagaState.PENDING, SagaState.RUNNING):
+        return f"saga already {m.snap.state}"
+    if m.pivot_passed():
+        return f"saga passed its pivot step {m.saga.pivot!r}; it can only go forward"
+    pivot = m.saga.pivot
+    if pivot is not None and m.snap.steps[pivot].state == StepState.RUNNING:
+        # The pivot's effect may already exist; compensating now could strand it.
+        return f"pivot step {pivot!r} is in flight; its outcome decides"
+    m.saga_to(SagaState.COMPENSATING, error=event.reason)
+    m.advance_rollback()
+    return None
+
+
+_HANDLERS: dict[type, Any] = {
+    Started: _on_started,
+    StepSucceeded: _on_succeeded,
+    StepFailed: _on_failed,
+    StepRetrying: _on_retrying,
+    CancelRequested: _on_cancel,
+    RetryRequested: _on_retry,
+    Redrive: _on_redrive,
+    DeadlinePassed: _on_deadline,
+}

@@ -1,0 +1,96 @@
+"""The saga and step state machines: every allowed transition is listed here and nowhere else."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from sagas.errors import InvalidTransitionError
+
+
+class SagaState(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPENSATING = "COMPENSATING"
+    COMPLETED = "COMPLETED"
+    COMPENSATED = "COMPENSATED"
+    COMPENSATION_FAILED = "COMPENSATION_FAILED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in SAGA_TERMINAL
+
+
+class StepState(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    COMPENSATING = "COMPENSATING"
+    COMPENSATED = "COMPENSATED"
+    COMPENSATION_FAILED = "COMPENSATION_FAILED"
+    SKIPPED = "SKIPPED"
+
+
+SAGA_TERMINAL = frozenset({SagaState.COMPLETED, SagaState.COMPENSATED})
+"""COMPENSATION_FAILED is parked, not terminal: an operator may retry it."""
+
+SAGA_SETTLED = SAGA_TERMINAL | {SagaState.COMPENSATION_FAILED}
+"""States in which nothing runs until an operator acts."""
+
+SAGA_TRANSITIONS: dict[SagaState, frozenset[SagaState]] = {
+    SagaState.PENDING: frozenset({SagaState.RUNNING, SagaState.COMPENSATING}),
+    SagaState.RUNNING: frozenset({SagaState.COMPLETED, SagaState.COMPENSATING}),
+    SagaState.COMPENSATING: frozenset({SagaState.COMPENSATED, SagaState.COMPENSATION_FAILED}),
+    # An operator's retry resumes a parked rollback.
+    SagaState.COMPENSATION_FAILED: frozenset({SagaState.COMPENSATING}),
+    SagaState.COMPLETED: frozenset(),
+    SagaState.COMPENSATED: frozenset(),
+}
+
+STEP_TRANSITIONS: dict[StepState, frozenset[StepState]] = {
+    # PENDING -> SKIPPED: the saga rolled back before the step was ever dispatched.
+    StepState.PENDING: frozenset({StepState.RUNNING, StepState.SKIPPED}),
+    # RUNNING -> RUNNING: another attempt (retry, forward retry, or a re-drive by recovery).
+    StepState.RUNNING: frozenset(
+        {StepState.RUNNING, StepState.SUCCEEDED, StepState.FAILED}
+    ),
+    # SUCCEEDED -> SKIPPED: rollback reached a step that has no compensation.
+    StepState.SUCCEEDED: frozenset({StepState.COMPENSATING, StepState.SKIPPED}),
+    # FAILED -> RUNNING: after the pivot a failed step is retried forward.
+    StepState.FAILED: frozenset({StepState.RUNNING}),
+    StepState.COMPENSATING: frozenset(
+        {StepState.COMPENSATING, StepState.COMPENSATED, StepState.COMPENSATION_FAILED}
+    ),
+    StepState.COMPENSATION_FAILED: frozenset({StepState.COMPENSATING}),
+    StepState.COMPENSATED: frozenset(),
+    StepState.SKIPPED: frozenset(),
+}
+
+# Steps in these states need nothing more from the rollback.
+STEP_ROLLED_BACK = frozenset(
+    {
+        StepState.PENDING,
+        StepState.FAILED,
+        StepState.COMPENSATED,
+        StepState.COMPENSATION_FAILED,
+        StepState.SKIPPED,
+    }
+)
+
+
+def can_transition_saga(current: SagaState, target: SagaState) -> bool:
+    return target in SAGA_TRANSITIONS[current]
+
+
+def can_transition_step(current: StepState, target: StepState) -> bool:
+    return target in STEP_TRANSITIONS[current]
+
+
+def check_saga_transition(current: SagaState, target: SagaState) -> None:
+    if not can_transition_saga(current, target):
+        raise InvalidTransitionError(f"saga cannot go from {current} to {target}")
+
+
+def check_step_transition(step: str, current: StepState, target: StepState) -> None:
+    if not can_transition_step(current, target):
+        raise InvalidTransitionError(f"step {step!r} cannot go from {current} to {target}")

@@ -1,0 +1,459 @@
+"""Durable saga state in SQL: the source of truth every decision is read from and written to.
+
+Per transition the store spends one locked read (saga row joined to its steps; on PostgreSQL
+the row lock is its own statement first), one batched
+UPDATE of the changed steps, one batched INSERT of the events, one UPDATE of the saga row, and
+the commit. On SQLite every write transaction is ``BEGIN IMMEDIATE`` (writers serialise, so a
+read-then-write never races); on PostgreSQL the saga row is locked ``FOR UPDATE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlalchemy.pool import NullPool
+
+from sagas.coordinator import Decision, SagaSnapshot, StepSnapshot
+from sagas.errors import IdempotencyConflictError, SagaNotFoundError, StoreUnavailableError
+from sagas.models import EventRow, SagaRow, StepRow, db_now
+from sagas.outbox import insert_outbox
+from sagas.states import SAGA_SETTLED, SagaState, StepState
+
+sagas_t = SagaRow.__table__
+steps_t = StepRow.__table__
+events_t = EventRow.__table__
+
+_engines: dict[tuple[int, str], Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def input_digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def get_engine(url: str, echo: bool = False) -> Engine:
+    """One engine per process and URL: pools must never cross a fork."""
+    key = (os.getpid(), url)
+    engine = _engines.get(key)
+    if engine is None:
+        with _engines_lock:
+            engine = _engines.get(key)
+            if engine is None:
+                engine = _make_engine(url, echo)
+                _engines[key] = engine
+    return engine
+
+
+def _make_engine(url: str, echo: bool) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        engine = create_engine(url, echo=echo, pool_size=5, max_overflow=5)
+        _ping_when_idle(engine)
+        return engine
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url, echo=echo, poolclass=NullPool if parsed.database == ":memory:" else None,
+        connect_args={"timeout": 60, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+PING_AFTER_IDLE = 1.0
+"""Seconds a pooled connection may sit unused before its next checkout pings the server."""
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """``pool_pre_ping`` costs a round trip per transaction; ping only connections left idle.
+
+    A connection back in use within a second was alive a second ago; an older one is pinged and,
+    if dead, replaced (raising DisconnectionError makes the pool retry with a fresh one). Any
+    disconnect SQLAlchemy detects still invalidates the whole pool.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _mark_idle(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            record.info["sagas_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("sagas_idle_since")
+        if since is not None and time.monotonic() - since < PING_AFTER_IDLE:
+            return
+        try:
+            cursor = dbapi_conn.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+        except Exception as exc:
+            raise DisconnectionError(f"stale pooled connection: {exc}") from exc
+
+
+_UPDATE_STEP = (
+    update(steps_t)
+    .where(steps_t.c.saga_id == bindparam("b_saga_id"), steps_t.c.name == bindparam("b_name"))
+    .values(
+        state=bindparam("b_state"),
+        attempts=bindparam("b_attempts"),
+        compensation_attempts=bindparam("b_comp_attempts"),
+        result=bindparam("b_result", type_=JSON),
+        error=bindparam("b_error"),
+        started_at=func.coalesce(bindparam("b_started_at", type_=steps_t.c.started_at.type),
+                                 steps_t.c.started_at),
+        finished_at=bindparam("b_finished_at", type_=steps_t.c.finished_at.type),
+    )
+)
+
+# Hot-path statements are built once: building a Core construct and its cache key per call
+# cost more CPU than SQLite spends executing it (py-spy / cProfile, see docs/performance.md).
+_LOAD = (
+    select(
+        sagas_t.c.name, sagas_t.c.state, sagas_t.c.input, sagas_t.c.error,
+        steps_t.c.name.label("step"), steps_t.c.state.label("step_state"),
+        steps_t.c.attempts, steps_t.c.compensation_attempts, steps_t.c.result,
+        steps_t.c.error.label("step_error"),
+    )
+    .join_from(sagas_t, steps_t, steps_t.c.saga_id == sagas_t.c.id)
+    .where(sagas_t.c.id == bindparam("b_saga_id"))
+)
+_LOCK = select(sagas_t.c.id).where(sagas_t.c.id == bindparam("b_saga_id")).with_for_update()
+_FIND_BY_ID = select(sagas_t.c.id, sagas_t.c.input_digest).where(
+    sagas_t.c.id == bindparam("b_saga_id")
+)
+_FIND_BY_KEY = select(sagas_t.c.id, sagas_t.c.input_digest).where(
+    sagas_t.c.idempotency_key == bindparam("b_key")
+)
+_INSERT_SAGA = insert(sagas_t)
+_INSERT_STEPS = insert(steps_t)
+_INSERT_EVENTS = insert(events_t)
+_SAGA_TOUCH = {"updated_at": db_now(), "version": sagas_t.c.version + 1,
+               "stall_deadline": bindparam("b_stall", type_=sagas_t.c.stall_deadline.type)}
+_UPDATE_SAGA = (
+    update(sagas_t).where(sagas_t.c.id == bindparam("b_saga_id")).values(**_SAGA_TOUCH)
+)
+_UPDATE_SAGA_STATE = (
+    update(sagas_t)
+    .where(sagas_t.c.id == bindparam("b_saga_id"))
+    .values(**_SAGA_TOUCH, state=bindparam("b_state"), error=bindparam("b_error"))
+)
+
+# Settling a saga hands back its start time (no extra round trip) for duration metrics.
+_UPDATE_SAGA_SETTLE = _UPDATE_SAGA_STATE.returning(sagas_t.c.created_at)
+
+_STARTING = {StepState.RUNNING, StepState.COMPENSATING}
+_FINISHED = {
+    StepState.SUCCEEDED, StepState.FAILED, StepState.COMPENSATED,
+    StepState.COMPENSATION_FAILED, StepState.SKIPPED,
+}
+
+
+class Store:
+    def __init__(self, url: str, echo: bool = False) -> None:
+        self.url = url
+        self.echo = echo
+        self.dialect = make_url(url).get_backend_name()
+
+    @property
+    def engine(self) -> Engine:
+        return get_engine(self.url, self.echo)
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise StoreUnavailableError(f"saga store unavailable: {exc.orig}") from exc
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise StoreUnavailableError(f"saga store unavailable: {exc.orig}") from exc
+
+    # --- write side ------------------------------------------------------------
+    def find_existing(
+        self, conn: Connection, saga_id: str, idempotency_key: str | None, digest: str
+    ) -> str | None:
+        """The id of a saga this start duplicates; refuses a reused key with another payload."""
+        row = conn.execute(_FIND_BY_ID, {"b_saga_id": saga_id}).first()
+        if row is None and idempotency_key is not None:
+            row = conn.execute(_FIND_BY_KEY, {"b_key": idempotency_key}).first()
+            if row is not None and row.input_digest != digest:
+                raise IdempotencyConflictError(
+                    f"idempotency key {idempotency_key!r} was already used by saga {row.id} "
+                    "with a different payload"
+                )
+        return None if row is None else str(row.id)
+
+    def insert_new(
+        self,
+        conn: Connection,
+        snap: SagaSnapshot,
+        decision: Decision,
+        *,
+        idempotency_key: str | None,
+        digest: str,
+        stall_deadline: datetime | None,
+        deadline_at: datetime | None,
+    ) -> None:
+        now = utcnow()
+        conn.execute(
+            _INSERT_SAGA,
+            {
+                "id": snap.id, "name": snap.name, "state": str(snap.state), "input": snap.input,
+                "idempotency_key": idempotency_key, "input_digest": digest, "error": snap.error,
+                "stall_deadline": stall_deadline, "deadline_at": deadline_at, "version": 1,
+            },
+        )
+        conn.execute(
+            _INSERT_STEPS,
+            [
+                {
+                    "saga_id": snap.id, "name": s.name, "state": str(s.state),
+                    "attempts": s.attempts,
+                    "compensation_attempts": s.compensation_attempts, "result": s.result, "error": s.error,
+                    "started_at": now if s.state in _STARTING else None, "finished_at": None,
+                }
+                for s in snap.steps.values()
+            ],
+        )
+        self._insert_events(conn, snap.id, decision)
+        insert_outbox(conn, snap, decision)
+
+    def load(self, conn: Connection, saga_id: str, lock: bool = True) -> SagaSnapshot | None:
+        params = {"b_saga_id": saga_id}
+        if lock and self.dialect == "postgresql":
+            # Lock first, read after: in READ COMMITTED a joined FOR UPDATE re-checks only the
+            # locked row after waiting, and would hand back step rows from before the wait.
+            locked = conn.execute(_LOCK, params).first()
+            if locked is None:
+                return None
+        rows = conn.execute(_LOAD, params).all()
+        if not rows:
+            return None
+        first = rows[0]
+        return SagaSnapshot(
+            id=saga_id, name=first.name, state=SagaState(first.state), input=first.input,
+            error=first.error,
+            steps={
+                r.step: StepSnapshot(
+                    r.step, StepState(r.step_state), r.attempts, r.result, r.step_error,
+                    r.compensation_attempts,
+                )
+                for r in rows
+            },
+        )
+
+    def save(
+        self,
+        conn: Connection,
+        snap: SagaSnapshot,
+        decision: Decision,
+        stall_deadline: datetime | None,
+    ) -> datetime | None:
+        """Write the decision; returns the saga's start time when this decision settled it."""
+        now = utcnow()
+        if decision.changed_steps:
+            conn.execute(
+                _UPDATE_STEP,
+                [
+                    {
+                        "b_saga_id": snap.id, "b_name": name,
+                        "b_state": str(snap.steps[name].state),
+                        "b_attempts": snap.steps[name].attempts,
+                        "b_comp_attempts": snap.steps[name].compensation_attempts,
+                        "b_result": snap.steps[name].result,
+                        "b_error": snap.steps[name].error,
+                        "b_started_at": now if snap.steps[name].state in _STARTING else None,
+                        "b_finished_at": now if snap.steps[name].state in _FINISHED else None,
+                    }
+                    for name in decision.changed_steps
+                ],
+            )
+        self._insert_events(conn, snap.id, decision)
+        insert_outbox(conn, snap, decision)
+        params: dict[str, Any] = {
+            "b_saga_id": snap.id,
+            "b_stall": None if snap.state in SAGA_SETTLED else stall_deadline,
+        }
+        if decision.saga_changed:
+            params.update(b_state=str(snap.state), b_error=snap.error)
+            if snap.state in SAGA_SETTLED:
+                return conn.execute(_UPDATE_SAGA_SETTLE, params).scalar()
+            conn.execute(_UPDATE_SAGA_STATE, params)
+        else:
+            conn.execute(_UPDATE_SAGA, params)
+        return None
+
+    def _insert_events(self, conn: Connection, saga_id: str, decision: Decision) -> None:
+        if decision.transitions:
+            conn.execute(
+                _INSERT_EVENTS,
+                [
+                    {
+                        "saga_id": saga_id, "step": t.step, "from_state": t.from_state,
+                        "to_state": t.to_state, "attempt": t.attempt, "error": t.error,
+                    }
+                    for t in decision.transitions
+                ],
+            )
+
+    # --- read side -------------------------------------------------------------
+    def get_view(self, saga_id: str) -> dict[str, Any]:
+        """The saga as scripts and the API see it (the same JSON everywhere)."""
+        with self.read() as conn:
+            saga = conn.execute(select(sagas_t).where(sagas_t.c.id == saga_id)).first()
+            if saga is None:
+                raise SagaNotFoundError(f"no saga with id {saga_id!r}")
+            steps = conn.execute(select(steps_t).where(steps_t.c.saga_id == saga_id)).all()
+            events = conn.execute(
+                select(events_t).where(events_t.c.saga_id == saga_id).order_by(events_t.c.id)
+            ).all()
+        order = _step_order(saga.name, [s.name for s in steps])
+        by_name = {s.name: s for s in steps}
+        return {
+            "id": saga.id,
+            "name": saga.name,
+            "state": saga.state,
+            "error": saga.error,
+            "created_at": _iso(saga.created_at),
+            "updated_at": _iso(saga.updated_at),
+            "context": {
+                "input": saga.input,
+                "results": {s.name: s.result for s in steps if s.result is not None},
+            },
+            "steps": [
+                {
+                    "name": n, "state": by_name[n].state, "attempts": by_name[n].attempts,
+                    "compensation_attempts": by_name[n].compensation_attempts,
+                    "error": by_name[n].error, "result": by_name[n].result,
+                    "started_at": _iso(by_name[n].started_at),
+                    "finished_at": _iso(by_name[n].finished_at),
+                }
+                for n in order
+            ],
+            "events": [
+                {
+                    "id": e.id, "step": e.step, "from_state": e.from_state,
+                    "to_state": e.to_state, "attempt": e.attempt, "error": e.error,
+                    "at": _iso(e.at),
+                }
+                for e in events
+            ],
+        }
+
+    def list_sagas(
+        self, *, state: str | None = None, name: str | None = None,
+        limit: int = 50, offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], int]:
+        query = select(
+            sagas_t.c.id, sagas_t.c.name, sagas_t.c.state, sagas_t.c.error,
+            sagas_t.c.created_at, sagas_t.c.updated_at,
+        )
+        count = select(func.count()).select_from(sagas_t)
+        if state:
+            query = query.where(sagas_t.c.state == state)
+            count = count.where(sagas_t.c.state == state)
+        if name:
+            query = query.where(sagas_t.c.name == name)
+            count = count.where(sagas_t.c.name == name)
+        query = query.order_by(sagas_t.c.created_at.desc(), sagas_t.c.id).limit(limit).offset(offset)
+        with self.read() as conn:
+            rows = conn.execute(query).all()
+            total = int(conn.execute(count).scalar_one())
+        return [
+            {
+                "id": r.id, "name": r.name, "state": r.state, "error": r.error,
+                "created_at": _iso(r.created_at), "updated_at": _iso(r.updated_at),
+            }
+            for r in rows
+        ], total
+
+    def step_states(self, saga_ids: list[str]) -> dict[str, dict[str, str]]:
+        with self.read() as conn:
+            rows = conn.execute(
+                select(steps_t.c.saga_id, steps_t.c.name, steps_t.c.state).where(
+                    steps_t.c.saga_id.in_(saga_ids)
+                )
+            ).all()
+        out: dict[str, dict[str, str]] = {}
+        for r in rows:
+            out.setdefault(r.saga_id, {})[r.name] = r.state
+        return out
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self.read() as conn:
+            rows = conn.execute(
+                select(sagas_t.c.state, func.count()).group_by(sagas_t.c.state)
+            ).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+
+def _step_order(saga_name: str, names: list[str]) -> list[str]:
+    from sagas.definition import registered_sagas
+
+    saga = registered_sagas().get(saga_name)
+    if saga is None:
+        return sorted(names)
+    known = [n for n in saga.order if n in names]
+    return known + sorted(n for n in names if n not in known)
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.isoformat()
+
+
+def deadline_after(seconds: float) -> datetime:
+    return utcnow() + timedelta(seconds=seconds)
+
