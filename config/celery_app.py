@@ -1,0 +1,51 @@
+"""The Celery app: JSON only, late acks, one message at a time per worker process."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config import queues
+from config.settings import get_app_settings
+from sagas.recovery import beat_schedule as recovery_beat_schedule
+
+settings = get_app_settings()
+
+app = Celery(
+    "sagas",
+    broker=settings.redis_url,
+    backend=settings.redis_url,
+    include=["sagas.worker", "tasks.inventory", "tasks.payment", "tasks.shipping",
+             "tasks.order_saga", "sagas.bench_tasks", "sagas.recovery"],
+    task_cls="sagas.worker:SagaTask",
+)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    event_serializer="json",
+    task_queues=queues.task_queues,
+    task_default_queue=queues.SAGA,
+    task_routes=queues.task_routes,
+    # Results are not read on the happy path; failures are stored for the failure handler.
+    task_ignore_result=True,
+    task_store_errors_even_if_ignored=True,
+    result_expires=7 * 24 * 3600,
+    # Delivery is at least once: acked after the task ran; a task whose pool process dies is
+    # sent again, at most SagaTask.max_retries times, then fails (the bounded worker-lost cap).
+    # A message held by a worker killed whole comes back after the visibility timeout (1 h, far
+    # above the longest step time limit); recovery re-drives its saga long before that.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_retry_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    broker_transport_options={"visibility_timeout": 3600},
+    # The reconciler (sagas.recovery) every RECOVERY_INTERVAL seconds: `celery -A config beat`.
+    beat_schedule=recovery_beat_schedule(),
+    result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    timezone="UTC",
+    imports=[m.strip() for m in settings.sagas_imports.split(",") if m.strip()],
+)
+app.set_default()

@@ -1,0 +1,36 @@
+"""Application settings: the engine's, plus what the order domain and the web app need."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+
+from sagas.settings import SagaSettings
+
+
+class Settings(SagaSettings):
+    starting_stock: dict[str, int] = Field(
+        default_factory=lambda: {"laptop": 1000, "phone": 1000, "book": 1000},
+        description="Stock a fresh database starts with (JSON object sku -> units)",
+    )
+    payment_limit: float = Field(500.0, description="Charges above this are declined")
+    admin_token: str | None = Field(None, description="Bearer token for retry/cancel")
+    fault_rate: float = Field(
+        0.0, description="Chaos: probability that a participant raises a transient fault"
+    )
+    port: int = Field(8000, description="Port of the web app")
+    protect_reads: bool = Field(
+        False, description="Web app: GET endpoints also require the admin Bearer token"
+    )
+    max_body_bytes: int = Field(
+        64 * 1024, description="Web app: larger request bodies are refused with 413"
+    )
+    sagas_imports: str = Field(
+        "", description="Comma-separated extra modules every worker imports (more sagas)"
+    )
+
+
+@lru_cache(maxsize=1)
+def get_app_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,55 @@
+"""The order saga: reserve stock, charge the customer, ship (the pivot)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from config import app
+from config.queues import INVENTORY, PAYMENT, SAGA, SHIPPING
+from sagas import RetryPolicy, Saga, Step, start_saga
+from tasks import inventory, payment, shipping
+
+
+class OrderInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer_id: str = Field(min_length=1, max_length=100)
+    item: str = Field(min_length=1, max_length=100)
+    quantity: int = Field(gt=0, le=1_000_000, strict=True)
+    price: float = Field(gt=0, le=1_000_000_000)
+
+    @field_validator("price")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("price must be a finite number")
+        return value
+
+
+order_saga = Saga(
+    "order",
+    steps=[
+        Step(
+            "reserve_inventory", action=inventory.reserve, compensation=inventory.release,
+            queue=INVENTORY, retry=RetryPolicy(attempts=5), time_limit=30,
+        ),
+        Step(
+            "charge_payment", action=payment.charge, compensation=payment.refund,
+            queue=PAYMENT, retry=RetryPolicy(attempts=5), time_limit=30,
+        ),
+        Step(
+            "ship_order", action=shipping.create_shipment, queue=SHIPPING, pivot=True,
+            retry=RetryPolicy(attempts=5), time_limit=30,
+        ),
+    ],
+    input_model=OrderInput,
+)
+
+
+@app.task(name="orders.start_saga", bind=True, queue=SAGA)
+def start_order_saga(self: Any, order: dict[str, Any], idempotency_key: str | None = None) -> str:
+    """``start_order_saga.delay(order)``: the AsyncResult's id is the saga id."""
+    return start_saga(order_saga, order, saga_id=self.request.id, idempotency_key=idempotency_key)
