@@ -1,0 +1,530 @@
+"""Whole saga scenarios driven through ``coordinator.decide`` on in-memory snapshots."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from sagas.coordinator import (
+    ACTION,
+    COMPENSATION,
+    CancelRequested,
+    Dispatch,
+    Redrive,
+    RetryRequested,
+    Started,
+    StepFailed,
+    StepRetrying,
+    StepSucceeded,
+)
+from sagas.errors import SagaStateError
+from sagas.states import SagaState, StepState
+from tests.unit.harness import Run, make_saga, step
+
+S = StepState
+
+
+def linear(n: int = 3) -> Run:
+    names = "abcdefgh"[:n]
+    return Run(make_saga(*(step(name) for name in names)))
+
+
+def diamond() -> Run:
+    """a -> (b, c) -> d"""
+    return Run(make_saga(
+        step("a"), step("b"), step("c", depends_on=["a"]), step("d", depends_on=["b", "c"]),
+    ))
+
+
+def with_pivot() -> Run:
+    """a -> pay (pivot) -> ship -> notify"""
+    return Run(make_saga(
+        step("a"), step("pay", pivot=True), step("ship", comp=False), step("notify", comp=False),
+    ))
+
+
+# --- happy path ---------------------------------------------------------------------------------
+def test_starting_a_saga_dispatches_only_its_root_steps():
+    run = linear()
+    decision = run.start()
+    assert run.state == SagaState.RUNNING
+    assert decision.dispatches == [Dispatch("a", ACTION, 1)]
+    assert run.states() == {"a": S.RUNNING, "b": S.PENDING, "c": S.PENDING}
+
+
+def test_linear_saga_dispatches_each_step_after_its_parent_succeeds_and_then_completes():
+    run = linear()
+    run.start()
+    assert run.succeed("a", result={"n": 1}).dispatches == [Dispatch("b", ACTION, 1)]
+    assert run.state == SagaState.RUNNING
+    assert run.succeed("b", result={"n": 2}).dispatches == [Dispatch("c", ACTION, 1)]
+    last = run.succeed("c", result={"n": 3})
+    assert last.dispatches == []
+    assert run.state == SagaState.COMPLETED
+    assert run.dispatched() == ["a", "b", "c"]
+    assert run.saga_path() == [SagaState.RUNNING, SagaState.COMPLETED]
+    assert all(state == S.SUCCEEDED for state in run.states().values())
+    assert run.snap.results() == {"a": {"n": 1}, "b": {"n": 2}, "c": {"n": 3}}
+    assert run.snap.error is None
+
+
+def test_every_step_goes_pending_running_succeeded_on_the_happy_path():
+    run = linear()
+    run.start()
+    for name in "abc":
+        run.succeed(name)
+    for name in "abc":
+        assert run.step_path(name) == [S.RUNNING, S.SUCCEEDED]
+
+
+def test_independent_roots_are_dispatched_together():
+    run = Run(make_saga(step("a"), step("b", depends_on=[]), step("c", depends_on=["a", "b"])))
+    assert [d.step for d in run.start().dispatches] == ["a", "b"]
+
+
+# --- rollback -------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_failure_of_step_k_compensates_the_earlier_succeeded_steps_newest_first(k):
+    run = linear(4)
+    names = list("abcd")
+    run.start()
+    for name in names[: k - 1]:
+        run.succeed(name)
+    failing = names[k - 1]
+    run.fail(failing, error="card declined")
+    assert run.snap.error == f"step {failing!r} failed: card declined"
+    # Undo one compensation at a time, exactly as they are dispatched.
+    undone = 0
+    while run.state == SagaState.COMPENSATING:
+        pending = run.dispatched(COMPENSATION)[undone:]
+        assert len(pending) == 1, "a linear saga compensates one step at a time"
+        run.undo(pending[0])
+        undone += 1
+    expected = list(reversed(names[: k - 1]))
+    assert run.entered(S.COMPENSATING) == expected
+    assert run.entered(S.COMPENSATED) == expected
+    assert run.state == SagaState.COMPENSATED
+    assert run.step_state(failing) == S.FAILED
+    assert run.dispatched(COMPENSATION) == expected
+    for name in names[k:]:
+        assert run.step_path(name) == [S.SKIPPED]
+    assert run.dispatched(ACTION) == names[:k]
+
+
+def test_the_failed_step_itself_is_never_compensated():
+    run = linear()
+    run.start()
+    run.succeed("a")
+    run.fail("b")
+    run.undo("a")
+    assert run.state == SagaState.COMPENSATED
+    assert "b" not in run.dispatched(COMPENSATION)
+
+
+def test_compensation_of_a_step_waits_until_the_step_after_it_is_compensated():
+    run = linear()
+    run.start()
+    run.succeed("a")
+    run.succeed("b")
+    decision = run.fail("c")
+    assert decision.dispatches == [Dispatch("b", COMPENSATION, 1)]
+    assert run.step_state("a") == S.SUCCEEDED
+    assert run.undo("b").dispatches == [Dispatch("a", COMPENSATION, 1)]
+
+
+def test_step_without_compensation_is_skipped_in_rollback_and_its_parent_still_compensates():
+    run = Run(make_saga(step("a"), step("b", comp=False), step("c")))
+    run.start()
+    run.succeed("a")
+    run.succeed("b")
+    decision = run.fail("c")
+    assert run.step_path("b") == [S.RUNNING, S.SUCCEEDED, S.SKIPPED]
+    assert decision.dispatches == [Dispatch("a", COMPENSATION, 1)]
+    run.undo("a")
+    assert run.state == SagaState.COMPENSATED
+    assert run.dispatched(COMPENSATION) == ["a"]
+
+
+def test_saga_whose_first_step_fails_is_compensated_at_once_with_nothing_to_undo():
+    run = linear()
+    run.start()
+    decision = run.fail("a")
+    assert run.state == SagaState.COMPENSATED
+    assert decision.dispatches == []
+    assert run.saga_path() == [SagaState.RUNNING, SagaState.COMPENSATING, SagaState.COMPENSATED]
+
+
+# --- joins and parallel branches ----------------------------------------------------------------
+def test_join_step_is_dispatched_once_after_all_parents_succeed():
+    run = diamond()
+    run.start()
+    assert [d.step for d in run.succeed("a").dispatches] == ["b", "c"]
+    assert run.succeed("b").dispatches == []
+    assert run.step_state("d") == S.PENDING
+    assert run.succeed("c").dispatches == [Dispatch("d", ACTION, 1)]
+    for duplicate in ("b", "c", "b", "a"):
+        decision = run.succeed(duplicate)
+        assert decision.ignored
+        assert decision.transitions == [] and decision.dispatches == []
+    assert run.dispatched().count("d") == 1
+    run.succeed("d")
+    assert run.state == SagaState.COMPLETED
+
+
+def test_failure_in_one_branch_compensates_the_running_sibling_only_after_it_succeeds():
+    run = diamond()
+    run.start()
+    run.succeed("a")
+    decision = run.fail("b")
+    assert run.state == SagaState.COMPENSATING
+    assert decision.dispatches == [], "a waits: its child c is still running"
+    assert run.step_state("d") == S.SKIPPED
+    assert run.step_state("a") == S.SUCCEEDED
+
+    decision = run.succeed("c")
+    assert decision.dispatches == [Dispatch("c", COMPENSATION, 1)]
+    assert run.step_state("a") == S.SUCCEEDED
+
+    decision = run.undo("c")
+    assert decision.dispatches == [Dispatch("a", COMPENSATION, 1)]
+    run.undo("a")
+    assert run.state == SagaState.COMPENSATED
+    assert run.entered(S.COMPENSATING) == ["c", "a"]
+    assert "d" not in run.dispatched(ACTION)
+
+
+def test_when_both_branches_fail_their_parent_compensates_after_the_second_failure():
+    run = diamond()
+    run.start()
+    run.succeed("a")
+    run.fail("b")
+    assert run.fail("c").dispatches == [Dispatch("a", COMPENSATION, 1)]
+    run.undo("a")
+    assert run.state == SagaState.COMPENSATED
+    assert run.states() == {"a": S.COMPENSATED, "b": S.FAILED, "c": S.FAILED, "d": S.SKIPPED}
+
+
+# --- failing compensations and operator retry -----------------------------------------------------
+def park_with_failed_compensation() -> Run:
+    run = linear()
+    run.start()
+    run.succeed("a")
+    run.succeed("b")
+    run.fail("c")
+    return run
+
+
+def test_failing_compensation_still_lets_the_others_run_and_parks_the_saga():
+    run = park_with_failed_compensation()
+    decision = run.fail("b", COMPENSATION, error="refund service down")
+    assert run.step_state("b") == S.COMPENSATION_FAILED
+    assert run.snap.steps["b"].error == "refund service down"
+    assert decision.dispatches == [Dispatch("a", COMPENSATION, 1)]
+    assert run.state == SagaState.COMPENSATING
+
+    run.undo("a")
+    assert run.step_state("a") == S.COMPENSATED
+    assert run.state == SagaState.COMPENSATION_FAILED
+    assert run.snap.error == "compensation failed for: b"
+    assert run.transitions[-1].step is None
+    assert run.transitions[-1].error == "compensation failed for: b"
+
+
+def test_operator_retry_of_a_parked_saga_redispatches_only_the_failed_compensation():
+    run = park_with_failed_compensation()
+    run.fail("b", COMPENSATION)
+    run.undo("a")
+    decision = run.send(RetryRequested())
+    assert run.state == SagaState.COMPENSATING
+    assert decision.dispatches == [Dispatch("b", COMPENSATION, 2)]
+    assert run.step_state("b") == S.COMPENSATING
+    assert run.snap.steps["b"].compensation_attempts == 2
+    run.undo("b")
+    assert run.state == SagaState.COMPENSATED
+    assert run.saga_path()[-3:] == [
+        SagaState.COMPENSATION_FAILED, SagaState.COMPENSATING, SagaState.COMPENSATED,
+    ]
+
+
+def test_retry_of_a_completed_saga_is_refused():
+    run = linear(1)
+    run.start()
+    run.succeed("a")
+    with pytest.raises(SagaStateError, match="nothing to retry"):
+        run.send(RetryRequested())
+
+
+# --- pivot ---------------------------------------------------------------------------------------
+def test_failure_after_the_pivot_is_retried_forward_instead_of_compensating():
+    run = with_pivot()
+    run.start()
+    run.succeed("a")
+    run.succeed("pay")
+    decision = run.fail("ship", error="courier timeout")
+    assert run.state == SagaState.RUNNING
+    assert [(t.from_state, t.to_state, t.attempt) for t in decision.transitions] == [
+        (S.RUNNING, S.FAILED, 1), (S.FAILED, S.RUNNING, 2),
+    ]
+    assert len(decision.dispatches) == 1
+    retry = decision.dispatches[0]
+    assert (retry.step, retry.phase, retry.attempt) == ("ship", ACTION, 2)
+    assert retry.countdown > 0
+    assert run.snap.steps["ship"].error == "courier timeout"
+    assert run.dispatched(COMPENSATION) == []
+    assert S.COMPENSATING not in [t.to_state for t in run.transitions]
+
+
+def test_forward_retries_keep_going_with_capped_backoff_until_the_step_succeeds():
+    run = with_pivot()
+    run.start()
+    run.succeed("a")
+    run.succeed("pay")
+    countdowns = [run.fail("ship").dispatches[0].countdown for _ in range(6)]
+    assert countdowns == sorted(countdowns)
+    assert max(countdowns) == 4.0  # the step's backoff_max
+    assert run.snap.steps["ship"].attempts == 7
+    run.succeed("ship")
+    run.succeed("notify")
+    assert run.state == SagaState.COMPLETED
+
+
+def test_failure_of_the_pivot_itself_compensates_the_steps_before_it():
+    run = with_pivot()
+    run.start()
+    run.succeed("a")
+    decision = run.fail("pay")
+    assert run.state == SagaState.COMPENSATING
+    assert decision.dispatches == [Dispatch("a", COMPENSATION, 1)]
+    assert run.states()["ship"] == S.SKIPPED
+
+
+def test_branch_beside_the_pivot_that_fails_once_the_pivot_succeeded_is_retried_forward():
+    run = Run(make_saga(
+        step("a"), step("pay", pivot=True), step("side", depends_on=["a"]),
+    ))
+    run.start()
+    run.succeed("a")
+    run.succeed("pay")
+    decision = run.fail("side")
+    assert run.state == SagaState.RUNNING
+    assert [(d.step, d.attempt) for d in decision.dispatches] == [("side", 2)]
+
+
+def test_pivot_that_succeeds_during_a_rollback_is_rolled_back_with_its_unstarted_children():
+    run = Run(make_saga(
+        step("a"), step("pay", pivot=True), step("ship", comp=False),
+        step("side", depends_on=["a"]),
+    ))
+    run.start()
+    run.succeed("a")
+    run.fail("side")
+    assert run.state == SagaState.COMPENSATING
+    decision = run.succeed("pay")
+    assert run.step_state("ship") == S.SKIPPED
+    assert decision.dispatches == [Dispatch("pay", COMPENSATION, 1)]
+
+
+# --- duplicate and late events -----------------------------------------------------------------
+def _assert_ignored(run: Run, event) -> None:
+    before = copy.deepcopy(run.snap)
+    decision = run.send(event)
+    assert decision.ignored
+    assert decision.transitions == []
+    assert decision.dispatches == []
+    assert not decision.changed
+    assert run.snap == before
+
+
+def test_success_for_a_step_that_already_succeeded_is_ignored():
+    run = linear()
+    run.start()
+    run.succeed("a")
+    _assert_ignored(run, StepSucceeded("a", ACTION, {"late": True}))
+    assert run.snap.steps["a"].result is None
+
+
+def test_failure_for_a_step_that_already_failed_is_ignored():
+    run = diamond()
+    run.start()
+    run.succeed("a")
+    run.fail("b")
+    _assert_ignored(run, StepFailed("b", ACTION, "again"))
+
+
+def test_late_failure_for_a_step_that_succeeded_is_ignored():
+    run = linear()
+    run.start()
+    run.succeed("a")
+    _assert_ignored(run, StepFailed("a", ACTION, "late"))
+    assert run.state == SagaState.RUNNING
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        StepSucceeded("ghost", ACTION),
+        StepFailed("ghost", ACTION, "x"),
+        StepSucceeded("ghost", COMPENSATION),
+        StepFailed("ghost", COMPENSATION, "x"),
+        StepRetrying("ghost", ACTION, 2, "x"),
+    ],
+    ids=lambda e: type(e).__name__ + "-" + e.phase,
+)
+def test_event_for_an_unknown_step_is_ignored(event):
+    run = linear()
+    run.start()
+    _assert_ignored(run, event)
+
+
+def test_event_for_a_step_that_was_never_dispatched_is_ignored():
+    run = linear()
+    run.start()
+    _assert_ignored(run, StepSucceeded("c", ACTION))
+    _assert_ignored(run, StepFailed("c", ACTION, "x"))
+
+
+def test_compensation_events_for_a_step_that_is_not_compensating_are_ignored():
+    run = park_with_failed_compensation()
+    _assert_ignored(run, StepSucceeded("a", COMPENSATION))
+    run.undo("b")
+    _assert_ignored(run, StepSucceeded("b", COMPENSATION))
+    _assert_ignored(run, StepFailed("b", COMPENSATION, "late"))
+
+
+def test_starting_a_saga_twice_is_ignored():
+    run = linear()
+    run.start()
+    _assert_ignored(run, Started())
+
+
+def test_any_event_after_completion_is_ignored():
+    run = linear(2)
+    run.start()
+    run.succeed("a")
+    run.succeed("b")
+    for event in (StepSucceeded("b", ACTION), StepFailed("b", ACTION, "x"), Started(),
+                  StepRetrying("a", ACTION, 5, "x"), Redrive()):
+        _assert_ignored(run, event)
+    assert run.state == SagaState.COMPLETED
+
+
+# --- in-worker retries ----------------------------------------------------------------------
+def test_step_retrying_records_the_new_attempt_once_and_ignores_a_duplicate():
+    run = linear()
+    run.start()
+    decision = run.send(StepRetrying("a", ACTION, 2, "TimeoutError"))
+    assert [(t.from_state, t.to_state, t.attempt) for t in decision.transitions] == [
+        (S.RUNNING, S.RUNNING, 2),
+    ]
+    assert decision.dispatches == [], "the worker retries the task itself"
+    assert run.snap.steps["a"].attempts == 2
+    assert run.snap.steps["a"].error == "TimeoutError"
+    _assert_ignored(run, StepRetrying("a", ACTION, 2, "TimeoutError"))
+    _assert_ignored(run, StepRetrying("a", ACTION, 1, "stale"))
+    assert run.snap.steps["a"].attempts == 2
+
+
+def test_compensation_retrying_counts_compensation_attempts_separately():
+    run = park_with_failed_compensation()
+    run.send(StepRetrying("b", COMPENSATION, 2, "503"))
+    step_b = run.snap.steps["b"]
+    assert (step_b.attempts, step_b.compensation_attempts) == (1, 2)
+    _assert_ignored(run, StepRetrying("b", ACTION, 2, "wrong phase"))
+
+
+def test_step_retrying_for_a_step_that_is_no_longer_running_is_ignored():
+    run = linear()
+    run.start()
+    run.succeed("a")
+    _assert_ignored(run, StepRetrying("a", ACTION, 2, "late"))
+
+
+# --- operator cancel ----------------------------------------------------------------------------
+def test_cancel_of_a_running_saga_compensates_what_succeeded_once_running_steps_settle():
+    run = linear()
+    run.start()
+    run.succeed("a")
+    decision = run.send(CancelRequested("customer changed their mind"))
+    assert run.state == SagaState.COMPENSATING
+    assert run.snap.error == "customer changed their mind"
+    assert run.step_state("c") == S.SKIPPED
+    assert decision.dispatches == [], "a waits for the running b"
+    assert run.succeed("b").dispatches == [Dispatch("b", COMPENSATION, 1)]
+    assert run.undo("b").dispatches == [Dispatch("a", COMPENSATION, 1)]
+    run.undo("a")
+    assert run.state == SagaState.COMPENSATED
+
+
+def test_cancel_of_a_pending_saga_skips_every_step_and_is_compensated_at_once():
+    run = linear()
+    run.send(CancelRequested())
+    assert run.state == SagaState.COMPENSATED
+    assert set(run.states().values()) == {S.SKIPPED}
+    assert run.dispatches == []
+
+
+def test_cancel_after_the_pivot_succeeded_is_refused_and_changes_nothing():
+    run = with_pivot()
+    run.start()
+    run.succeed("a")
+    run.succeed("pay")
+    before = copy.deepcopy(run.snap)
+    with pytest.raises(SagaStateError, match="passed its pivot step 'pay'"):
+        run.send(CancelRequested())
+    assert run.snap == before
+
+
+def test_cancel_before_the_pivot_succeeded_is_accepted():
+    run = with_pivot()
+    run.start()
+    run.succeed("a")
+    run.send(CancelRequested())
+    assert run.state == SagaState.COMPENSATING
+
+
+def test_cancel_of_a_compensating_saga_is_ignored():
+    run = park_with_failed_compensation()
+    _assert_ignored(run, CancelRequested())
+
+
+@pytest.mark.parametrize("finish", ["complete", "compensate"])
+def test_cancel_of_a_finished_saga_is_refused(finish):
+    run = linear(1)
+    run.start()
+    if finish == "complete":
+        run.succeed("a")
+    else:
+        run.fail("a")
+    with pytest.raises(SagaStateError, match="only a running saga cancels"):
+        run.send(CancelRequested())
+
+
+# --- recovery re-drive -----------------------------------------------------------------------
+def test_redrive_republishes_running_steps_under_a_new_attempt():
+    run = diamond()
+    run.start()
+    run.succeed("a")
+    run.succeed("b")
+    decision = run.send(Redrive())
+    assert decision.dispatches == [Dispatch("c", ACTION, 2)]
+    assert run.snap.steps["c"].error is None, "a re-drive is not the step's error"
+
+
+def test_redrive_of_a_compensating_step_republishes_its_compensation():
+    run = park_with_failed_compensation()
+    assert run.send(Redrive(("b",))).dispatches == [Dispatch("b", COMPENSATION, 2)]
+
+
+def test_redrive_with_nothing_in_flight_is_ignored():
+    run = park_with_failed_compensation()
+    run.undo("b")
+    run.undo("a")
+    _assert_ignored(run, Redrive())
+
+
+def test_retry_request_on_a_pending_saga_starts_it():
+    run = linear()
+    decision = run.send(RetryRequested())
+    assert run.state == SagaState.RUNNING
+    assert decision.dispatches == [Dispatch("a", ACTION, 1)]
