@@ -1,0 +1,174 @@
+"""``make demo`` / ``sagas demo``: 20 orders through real workers, one pool per queue.
+
+With REDIS_URL unset it starts a private Redis; with DATABASE_URL unset it uses a fresh SQLite
+file under var/. Orders over the payment limit are declined and must end COMPENSATED with their
+stock restored; the rest must end COMPLETED. Exit 0 only when every saga ended as expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+QUEUES = ("inventory", "payment", "shipping", "saga")
+ITEMS = ("laptop", "phone", "book")
+console = Console()
+if not console.is_terminal:
+    console = Console(width=140)
+
+
+def demo_orders(count: int) -> list[dict[str, Any]]:
+    """Deterministic orders; every third one is over the payment limit (amount > 500)."""
+    orders = []
+    for i in range(count):
+        item = ITEMS[i % len(ITEMS)]
+        over = i % 3 == 2
+        quantity = 2 + i % 2 if over else 1 + i % 3
+        price = 300.0 if over else 25.0 + 10 * (i % 7)
+        orders.append({"customer_id": f"c{i + 1:02d}", "item": item, "quantity": quantity,
+                       "price": price})
+    return orders
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sagas demo", description=__doc__)
+    parser.add_argument("--orders", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=90.0)
+    args = parser.parse_args(argv or [])
+    with ExitStack() as stack:
+        _prepare_environment(stack)
+        return _run(args.orders, args.timeout, stack)
+
+
+def _prepare_environment(stack: ExitStack) -> None:
+    from sagas.localredis import LocalRedis
+
+    if not os.environ.get("REDIS_URL"):
+        redis = stack.enter_context(LocalRedis())
+        os.environ["REDIS_URL"] = redis.url
+        console.print(f"[dim]started a private Redis at {redis.url}[/]")
+    if not os.environ.get("DATABASE_URL"):
+        db = Path("var/demo.db")
+        db.parent.mkdir(exist_ok=True)
+        for leftover in db.parent.glob("demo.db*"):
+            leftover.unlink()
+        os.environ["DATABASE_URL"] = f"sqlite:///{db}"
+        console.print(f"[dim]using the SQLite file {db}[/]")
+    # The settings and the Celery app were read at import; re-read them from the environment.
+    from config.settings import get_app_settings
+    from sagas.settings import get_settings
+
+    get_settings.cache_clear()
+    get_app_settings.cache_clear()
+    from config import app
+
+    app.conf.broker_url = os.environ["REDIS_URL"]
+    app.conf.result_backend = os.environ["REDIS_URL"]
+
+
+def _run(count: int, timeout: float, stack: ExitStack) -> int:
+    from sagas.localworkers import LocalWorker
+    from sagas.migrate import upgrade
+    from sagas.runtime import get_store
+    from tasks import start_order_saga
+    from tasks.payment import order_amount
+
+    upgrade()
+    stock_before = _stock()
+    workers = [LocalWorker(q, concurrency=1) for q in QUEUES]
+    for worker in workers:
+        worker.start()
+        stack.callback(worker.stop)
+    with console.status("starting one worker per queue: " + ", ".join(QUEUES)):
+        for worker in workers:
+            worker.wait_ready()
+
+    limit = _limit()
+    orders = demo_orders(count)
+    started = []
+    for order in orders:
+        result = start_order_saga.delay(order)
+        expected = "COMPENSATED" if order_amount(order) > limit else "COMPLETED"
+        started.append((result.id, order, expected))
+
+    store = get_store()
+    settled = {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED"}
+    states: dict[str, str] = {}
+    columns = (TextColumn("sagas"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    deadline = time.monotonic() + timeout
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("sagas", total=len(started))
+        while time.monotonic() < deadline:
+            for saga_id, _, _ in started:
+                if states.get(saga_id) not in settled:
+                    try:
+                        states[saga_id] = store.get_view(saga_id)["state"]
+                    except Exception:
+                        states[saga_id] = "PENDING"
+            done = sum(1 for s in states.values() if s in settled)
+            progress.update(bar, completed=done)
+            if done == len(started):
+                break
+            time.sleep(0.2)
+
+    steps = store.step_states([s for s, _, _ in started])
+    table = Table(title="order sagas")
+    for col in ("saga", "customer", "order", "amount", "expected", "final", "reserve", "charge",
+                "ship"):
+        table.add_column(col)
+    ok = True
+    for saga_id, order, expected in started:
+        final = states.get(saga_id, "?")
+        good = final == expected
+        ok &= good
+        step = steps.get(saga_id, {})
+        colour = "green" if good else "red"
+        table.add_row(
+            saga_id[:8], order["customer_id"], f"{order['quantity']} x {order['item']}",
+            str(order_amount(order)), expected, f"[{colour}]{final}[/]",
+            step.get("reserve_inventory", "?"), step.get("charge_payment", "?"),
+            step.get("ship_order", "?"),
+        )
+    console.print(table)
+    completed = sum(1 for _, o, e in started if e == "COMPLETED")
+    shipped = {}
+    for _, order, expected in started:
+        if expected == "COMPLETED":
+            shipped[order["item"]] = shipped.get(order["item"], 0) + order["quantity"]
+    stock_after = _stock()
+    stock_ok = all(stock_after[s] == stock_before[s] - shipped.get(s, 0) for s in stock_before)
+    ok &= stock_ok
+    console.print(
+        f"{completed} orders expected to complete, {len(started) - completed} to be declined "
+        f"and compensated; stock {'restored for every declined order' if stock_ok else 'WRONG'}: "
+        + ", ".join(f"{s} {stock_before[s]}->{stock_after[s]}" for s in sorted(stock_before))
+    )
+    console.print("[bold green]every saga ended as expected[/]" if ok
+                  else "[bold red]some sagas did not end as expected[/]")
+    return 0 if ok else 1
+
+
+def _limit() -> Any:
+    from decimal import Decimal
+
+    from config.settings import get_app_settings
+
+    return Decimal(str(get_app_settings().payment_limit))
+
+
+def _stock() -> dict[str, int]:
+    from sqlalchemy import select
+
+    from tasks.db import transaction
+    from tasks.models import Stock
+
+    with transaction() as conn:
+        return {r.sku: r.available for r in conn.execute(select(Stock.__table__)).all()}
