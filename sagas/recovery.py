@@ -1,0 +1,267 @@
+"""Recovery: re-drive, from SQL, sagas whose work in flight made no progress past its deadline.
+
+Celery's callbacks are not atomic with the step that sends them: a worker can die after a step's
+effect committed but before its callback went out, a transition can commit and its publish be
+lost, and a Redis without persistence forgets every queued message when it restarts. None of that
+loses a saga, because every transition also set the saga's ``stall_deadline`` (now plus the time
+limit of what is in flight). The reconciler here looks only at sagas past that deadline (an
+indexed range scan, off the hot path) and re-publishes their in-flight steps with the same
+idempotency keys, so a participant that already applied the effect only reports it again.
+
+Several reconcilers may run at once (beat on one machine, ``sagas recover`` on another): each
+re-drive is decided under the saga's row lock after re-checking the deadline, and a re-drive sets
+a fresh deadline, so the losers of a race find nothing stale and dispatch nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from celery import shared_task
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import Connection, select, update
+
+from sagas.coordinator import DeadlinePassed, Redrive
+from sagas.errors import SagaError, StoreUnavailableError
+from sagas.runtime import apply_event, get_store
+from sagas.settings import get_settings
+from sagas.states import SagaState
+from sagas.store import sagas_t, utcnow
+
+log = logging.getLogger("sagas.recovery")
+
+RECOVER_TASK = "sagas.recover_stalled"
+LIVE_STATES = (SagaState.PENDING, SagaState.RUNNING, SagaState.COMPENSATING)
+# Only a saga that has not passed its pivot can still be turned back by its deadline.
+DEADLINE_STATES = (SagaState.PENDING, SagaState.RUNNING)
+
+
+class RecoverySettings(BaseSettings):
+    """How often and how much the reconciler works (environment: RECOVERY_INTERVAL, ...)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    recovery_interval: float = Field(
+        5.0, gt=0, description="Seconds between two beat-scheduled reconciler runs"
+    )
+    recovery_batch: int = Field(
+        500, gt=0, description="Most sagas one reconciler run re-drives (oldest deadline first)"
+    )
+
+
+@lru_cache(maxsize=1)
+def get_recovery_settings() -> RecoverySettings:
+    return RecoverySettings()
+
+
+def beat_schedule() -> dict[str, dict[str, Any]]:
+    """The Celery beat entry (``celery -A config beat``): one reconciler run per interval.
+
+    ``expires`` drops runs that waited longer than one interval in a backlog: the next tick
+    does the same work, so stale ones would only pile up.
+    """
+    interval = get_recovery_settings().recovery_interval
+    return {
+        "sagas-recover-stalled": {
+            "task": RECOVER_TASK,
+            "schedule": interval,
+            "options": {"queue": get_settings().saga_queue, "expires": max(interval, 1.0)},
+        }
+    }
+
+
+@dataclass
+class RecoveryReport:
+    """What one reconciler run found and did."""
+
+    stalled: int = 0
+    redriven: list[str] = field(default_factory=list)
+    deadline_compensated: list[str] = field(default_factory=list)
+    skipped: int = 0  # fresh again under the lock (another reconciler won) or nothing to do
+    errors: list[str] = field(default_factory=list)
+    max_overdue_s: float = 0.0  # how long past its stall deadline the most overdue saga was
+    duration_s: float = 0.0
+    dry_run: bool = False
+
+    def summary(self) -> str:
+        verb = "would re-drive" if self.dry_run else "re-drove"
+        return (
+            f"recovery: {self.stalled} stalled, {verb} {len(self.redriven)}, "
+            f"{len(self.deadline_compensated)} past their deadline compensating, "
+            f"{self.skipped} skipped, {len(self.errors)} errors; "
+            f"most overdue {self.max_overdue_s:.1f}s; took {self.duration_s:.2f}s"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def stalled_sagas(conn: Connection, now: datetime, limit: int) -> list[tuple[str, datetime]]:
+    """Live sagas past their stall deadline, oldest first (index ix_saga_instances_state_stall)."""
+    rows = conn.execute(
+        select(sagas_t.c.id, sagas_t.c.stall_deadline)
+        .where(sagas_t.c.state.in_([str(s) for s in LIVE_STATES]),
+               sagas_t.c.stall_deadline < now)
+        .order_by(sagas_t.c.stall_deadline)
+        .limit(limit)
+    ).all()
+    return [(str(r.id), _aware(r.stall_deadline)) for r in rows]
+
+
+def overdue_sagas(conn: Connection, now: datetime, limit: int) -> list[str]:
+    """Sagas not yet settled whose own optional deadline has passed."""
+    rows = conn.execute(
+        select(sagas_t.c.id)
+        .where(sagas_t.c.state.in_([str(s) for s in DEADLINE_STATES]),
+               sagas_t.c.deadline_at < now)
+        .order_by(sagas_t.c.deadline_at)
+        .limit(limit)
+    ).all()
+    return [str(r.id) for r in rows]
+
+
+def _still_stalled(saga_id: str, now: datetime) -> Any:
+    def check(conn: Connection) -> str | None:
+        row = conn.execute(
+            select(sagas_t.c.stall_deadline).where(sagas_t.c.id == saga_id)
+        ).first()
+        if row is None or row.stall_deadline is None:
+            return "no work in flight any more"
+        if _aware(row.stall_deadline) >= now:
+            return "made progress or was re-driven meanwhile"
+        return None
+
+    return check
+
+
+def _still_overdue(saga_id: str, now: datetime) -> Any:
+    def check(conn: Connection) -> str | None:
+        row = conn.execute(select(sagas_t.c.deadline_at).where(sagas_t.c.id == saga_id)).first()
+        if row is None or row.deadline_at is None or _aware(row.deadline_at) >= now:
+            return "deadline no longer passed"
+        return None
+
+    return check
+
+
+def _forget_deadline(saga_id: str) -> None:
+    """A saga past its pivot goes forward: stop looking at its deadline on every run."""
+    store = get_store()
+    with store.begin() as conn:
+        conn.execute(update(sagas_t).where(sagas_t.c.id == saga_id).values(deadline_at=None))
+
+
+def _is_broker_down(exc: BaseException) -> bool:
+    import redis.exceptions
+    from kombu.exceptions import OperationalError
+
+    return isinstance(exc, OperationalError | redis.exceptions.ConnectionError)
+
+
+def recover_stalled(
+    now: datetime | None = None, limit: int | None = None, *, dry_run: bool = False
+) -> RecoveryReport:
+    """One reconciler pass: compensate sagas past their deadline, re-drive stalled ones.
+
+    Safe to run anywhere and concurrently. A broker outage ends the pass early (the re-drives
+    already committed keep a fresh deadline and are re-driven again once it passes).
+    """
+    started = time.monotonic()
+    now = now or utcnow()
+    limit = limit or get_recovery_settings().recovery_batch
+    report = RecoveryReport(dry_run=dry_run)
+    store = get_store()
+    with store.read() as conn:
+        overdue = overdue_sagas(conn, now, limit)
+        stalled = stalled_sagas(conn, now, limit)
+    report.stalled = len(stalled)
+    if stalled:
+        report.max_overdue_s = max((now - deadline).total_seconds() for _, deadline in stalled)
+    if dry_run:
+        report.redriven = [saga_id for saga_id, _ in stalled]
+        report.deadline_compensated = overdue
+        report.duration_s = time.monotonic() - started
+        return report
+    work: list[tuple[str, Any, Any]] = [
+        (saga_id, DeadlinePassed(), _still_overdue(saga_id, now)) for saga_id in overdue
+    ] + [(saga_id, Redrive(), _still_stalled(saga_id, now)) for saga_id, _ in stalled]
+    for saga_id, event, precondition in work:
+        try:
+            decision = apply_event(saga_id, event, precondition=precondition)
+        except StoreUnavailableError:
+            raise
+        except Exception as exc:
+            report.errors.append(f"{saga_id}: {type(exc).__name__}: {exc}")
+            log.error("recovery of saga %s failed: %s", saga_id, exc)
+            if _is_broker_down(exc):
+                break
+            continue
+        if decision.ignored:
+            report.skipped += 1
+            if isinstance(event, DeadlinePassed) and "pivot step" in decision.ignored \
+                    and "can only go forward" in decision.ignored:
+                _forget_deadline(saga_id)
+        elif isinstance(event, DeadlinePassed):
+            report.deadline_compensated.append(saga_id)
+        else:
+            report.redriven.append(saga_id)
+            log.warning("saga %s made no progress past its deadline: re-driven (%s)", saga_id,
+                        ", ".join(f"{d.step}:{d.phase}#{d.attempt}" for d in decision.dispatches))
+    report.duration_s = time.monotonic() - started
+    if report.redriven or report.deadline_compensated or report.errors:
+        log.warning(report.summary())
+    return report
+
+
+@shared_task(name=RECOVER_TASK, ignore_result=True)
+def recover_stalled_task() -> dict[str, Any]:
+    """Beat's entry point; runs on the saga queue like the coordinator's other tasks."""
+    return recover_stalled().as_dict()
+
+
+def _import_worker_modules() -> None:
+    """Know every saga a worker knows: the app's ``imports`` (SAGAS_IMPORTS) define sagas too."""
+    from celery import current_app
+
+    current_app.loader.import_default_modules()
+
+
+def main(argv: list[str]) -> int:
+    """``sagas recover``: one reconciler pass by hand; a one-line summary (or ``--json``)."""
+    parser = argparse.ArgumentParser(
+        prog="sagas recover",
+        description="Re-drive sagas that made no progress past their deadline; compensate "
+                    "sagas past their own deadline. Safe beside the beat-scheduled reconciler.",
+    )
+    parser.add_argument("--limit", type=int, default=None,
+                        help="most sagas to re-drive (default RECOVERY_BATCH)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list what would be re-driven, change nothing")
+    parser.add_argument("--json", action="store_true", dest="as_json",
+                        help="print the report as JSON")
+    args = parser.parse_args(argv)
+    _import_worker_modules()
+    try:
+        report = recover_stalled(limit=args.limit, dry_run=args.dry_run)
+    except SagaError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 3 if isinstance(exc, StoreUnavailableError) else 1
+    if args.as_json:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(report.summary() + "\n")
+    return 1 if report.errors else 0

@@ -1,0 +1,108 @@
+"""A saga client in its own process (its Celery app uses the deployment's REDIS_URL).
+
+``python -m tests.chaos.client start t_crashy '{"plan": {}}' [--id X] [--key K]``
+``python -m tests.chaos.client orders 200 --over 0.3 --duration 20 --seed 1``
+
+Prints one JSON line. A start records the saga in SQL first and publishes after; when the
+publish fails (Redis down or restarting) the saga still exists and recovery re-drives it, so
+the client counts the failure and goes on, as a web front end would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from typing import Any
+
+import config
+from sagas import start_saga
+from sagas.errors import StoreUnavailableError
+
+ITEMS = ("laptop", "phone", "book")
+
+
+def order(rng: random.Random, i: int, over: bool, limit: float = 500.0) -> dict[str, Any]:
+    quantity = rng.randint(1, 3)
+    if over:
+        price = round(rng.uniform(limit / quantity + 1, 2 * limit / quantity), 2)
+    else:
+        price = round(rng.uniform(5, limit / quantity - 1), 2)
+    return {"customer_id": f"c{i % 97}", "item": rng.choice(ITEMS), "quantity": quantity,
+            "price": price}
+
+
+def _start(saga: str, data: dict[str, Any], saga_id: str | None, key: str | None) -> str:
+    """Start once; a store hiccup is retried with the same id (starts are idempotent)."""
+    for attempt in range(20):
+        try:
+            return start_saga(saga, data, saga_id=saga_id, idempotency_key=key)
+        except StoreUnavailableError:
+            if attempt == 19:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
+def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
+    data = json.loads(args.input)
+    try:
+        saga_id = _start(args.saga, data, args.id, args.key)
+        return {"id": saga_id, "published": True}
+    except Exception as exc:
+        if args.id is None:
+            raise
+        return {"id": args.id, "published": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def cmd_orders(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    ids: list[str] = []
+    over = 0
+    publish_errors = 0
+    started = time.monotonic()
+    for i in range(args.count):
+        is_over = rng.random() < args.over
+        over += is_over
+        saga_id = f"{args.prefix}-{i:05d}"
+        try:
+            _start("order", order(rng, i, is_over), saga_id, saga_id)
+        except StoreUnavailableError:
+            raise
+        except Exception as exc:  # the publish failed after the saga was recorded
+            publish_errors += 1
+            sys.stderr.write(f"{saga_id}: publish failed: {type(exc).__name__}: {exc}\n")
+        ids.append(saga_id)
+        if args.duration:
+            lag = started + args.duration * (i + 1) / args.count - time.monotonic()
+            if lag > 0:
+                time.sleep(lag)
+    return {"submitted": len(ids), "over_limit": over, "publish_errors": publish_errors,
+            "seconds": round(time.monotonic() - started, 2), "ids": ids}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tests.chaos.client")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start")
+    s.add_argument("saga")
+    s.add_argument("input")
+    s.add_argument("--id")
+    s.add_argument("--key")
+    o = sub.add_parser("orders")
+    o.add_argument("count", type=int)
+    o.add_argument("--over", type=float, default=0.3, help="share of amounts over the limit")
+    o.add_argument("--duration", type=float, default=0.0, help="spread the starts over this (s)")
+    o.add_argument("--seed", type=int, default=1)
+    o.add_argument("--prefix", default="chaos")
+    args = parser.parse_args(argv)
+    config.app.loader.import_default_modules()  # every saga a worker knows
+    result = cmd_start(args) if args.cmd == "start" else cmd_orders(args)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

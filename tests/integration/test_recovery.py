@@ -1,0 +1,326 @@
+"""Recovery: stalled sagas re-driven from SQL after crashes, lost messages and Redis loss.
+
+Two kinds of test. The reconciler's own decisions run in this process against SQLite and
+PostgreSQL, on sagas whose queue no worker serves, so what it publishes is read back from the
+real Redis list. The crash scenarios run a private deployment (tests/chaos/cluster.py): its own
+Redis, SQLite file, a real worker and ``celery beat`` running the reconciler every second, with
+STEP_TIMEOUT=3 s so a stalled step's deadline passes 3 s after its dispatch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select, update
+
+from sagas.coordinator import StepSucceeded
+from sagas.recovery import recover_stalled
+from sagas.runtime import apply_event, get_store, start_saga
+from sagas.store import sagas_t, utcnow
+from tests.chaos import crash_sagas as cs
+from tests.chaos.cluster import Cluster
+from tests.conftest import use_database
+from tests.support.services import (
+    create_pg_database,
+    drop_pg_database,
+    postgres_reachable,
+    require_service,
+)
+
+pytestmark = pytest.mark.integration
+
+RECOVERY_INTERVAL = 1.0
+STEP_TIMEOUT = 3.0
+# Re-driven within the beat interval of the deadline, plus a worker's and beat's scheduling slack.
+REDRIVE_BOUND = STEP_TIMEOUT + RECOVERY_INTERVAL + 4.0
+
+
+# --- the reconciler's decisions, in process --------------------------------------------------
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def recovery_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[str]:
+    previous = os.environ.get("DATABASE_URL")
+    pg_name = None
+    if request.param == "postgresql":
+        require_service(postgres_reachable(), "PostgreSQL at 127.0.0.1:5432")
+        pg_name, url = create_pg_database()
+    else:
+        url = f"sqlite:///{tmp_path_factory.mktemp('recovery')}/sagas.db"
+    use_database(url)
+    import tasks  # noqa: F401 - registers the order domain's migrations
+    from sagas.migrate import upgrade
+
+    upgrade()
+    yield url
+    from sagas.store import _engines
+
+    for key in [k for k in _engines if k[1] == url]:
+        _engines.pop(key).dispose()
+    if pg_name:
+        drop_pg_database(pg_name)
+    if previous is not None:
+        use_database(previous)
+
+
+@pytest.fixture
+def db(recovery_db: str) -> str:
+    use_database(recovery_db)  # other modules' fixtures re-point the process between tests
+    return recovery_db
+
+
+def published(saga_id: str) -> list[dict[str, Any]]:
+    """Messages for ``saga_id`` waiting in the unserved queue, as (task id, context)."""
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    out = []
+    for raw in reversed(client.lrange(cs.UNSERVED, 0, -1)):  # LPUSHed: newest first
+        message = json.loads(raw)
+        task_id = message["headers"]["id"]
+        if task_id.startswith(f"{saga_id}."):
+            args = json.loads(base64.b64decode(message["body"]))[0]
+            out.append({"task_id": task_id, "ctx": args[0]})
+    return out
+
+
+def make_stale(saga_id: str, seconds: float = 60) -> None:
+    with get_store().begin() as conn:
+        conn.execute(
+            update(sagas_t).where(sagas_t.c.id == saga_id)
+            .values(stall_deadline=utcnow() - timedelta(seconds=seconds))
+        )
+
+
+def stall_deadline(saga_id: str) -> Any:
+    with get_store().read() as conn:
+        return conn.execute(
+            select(sagas_t.c.stall_deadline).where(sagas_t.c.id == saga_id)
+        ).scalar_one()
+
+
+def test_reconciler_redrives_only_sagas_past_their_stall_deadline_with_the_same_key(db: str):
+    stalled = start_saga(cs.recovery_unit, {})
+    fresh = start_saga(cs.recovery_unit, {})
+    make_stale(stalled)
+    report = recover_stalled()
+    assert stalled in report.redriven
+    assert fresh not in report.redriven
+    assert [m["task_id"] for m in published(stalled)] == [f"{stalled}.a.do.1", f"{stalled}.a.do.2"]
+    again = published(stalled)[-1]["ctx"]
+    assert again["idempotency_key"] == f"{stalled}:a", "same key: the effect applies once"
+    assert again["attempt"] == 2
+    assert [m["task_id"] for m in published(fresh)] == [f"{fresh}.a.do.1"]
+    view = get_store().get_view(stalled)
+    assert [e["error"] for e in view["events"] if e["step"] == "a"][-1] == "re-driven by recovery"
+    assert stall_deadline(stalled) is not None
+
+
+def test_a_redriven_saga_is_not_redriven_again_before_its_new_deadline(db: str):
+    saga_id = start_saga(cs.recovery_unit, {})
+    make_stale(saga_id)
+    assert saga_id in recover_stalled().redriven
+    second = recover_stalled()
+    assert saga_id not in second.redriven
+    assert len(published(saga_id)) == 2
+
+
+def test_racing_reconcilers_dispatch_each_stalled_step_exactly_once(db: str):
+    sagas = [start_saga(cs.recovery_unit, {}) for _ in range(8)]
+    for saga_id in sagas:
+        make_stale(saga_id)
+    now = utcnow()  # every reconciler saw the same stale rows in its scan
+    barrier = threading.Barrier(4)
+    reports: list[Any] = []
+
+    def reconcile() -> None:
+        barrier.wait()
+        reports.append(recover_stalled(now=now))
+
+    threads = [threading.Thread(target=reconcile) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    redriven = [s for r in reports for s in r.redriven if s in sagas]
+    assert sorted(redriven) == sorted(sagas), "each stalled saga re-driven by exactly one"
+    for saga_id in sagas:
+        assert [m["task_id"] for m in published(saga_id)] == [
+            f"{saga_id}.a.do.1", f"{saga_id}.a.do.2"
+        ]
+
+
+def test_a_stalled_compensation_is_redriven_as_a_compensation(db: str):
+    saga_id = start_saga(cs.recovery_unit, {})
+    apply_event(saga_id, StepSucceeded("a", "action", {"ok": 1}))
+    from sagas.runtime import cancel_saga
+
+    cancel_saga(saga_id)  # b is in flight: the saga waits for it, then undoes a
+    apply_event(saga_id, StepSucceeded("b", "action", {"ok": 1}))
+    assert [m["task_id"] for m in published(saga_id)][-1] == f"{saga_id}.b.undo.1"
+    make_stale(saga_id)
+    assert saga_id in recover_stalled().redriven
+    assert published(saga_id)[-1]["task_id"] == f"{saga_id}.b.undo.2"
+    assert published(saga_id)[-1]["ctx"]["phase"] == "compensation"
+
+
+def test_a_saga_past_its_deadline_compensates(db: str):
+    saga_id = start_saga(cs.recovery_deadline, {})
+    apply_event(saga_id, StepSucceeded("a", "action", {"ok": 1}))
+    with get_store().begin() as conn:
+        conn.execute(update(sagas_t).where(sagas_t.c.id == saga_id)
+                     .values(deadline_at=utcnow() - timedelta(seconds=1)))
+    report = recover_stalled()
+    assert saga_id in report.deadline_compensated
+    view = get_store().get_view(saga_id)
+    assert view["state"] == "COMPENSATING"
+    assert view["error"] == "saga deadline passed"
+    # b is still in flight; once it reports, both succeeded steps are undone newest first.
+    apply_event(saga_id, StepSucceeded("b", "action", {"ok": 1}))
+    assert published(saga_id)[-1]["task_id"] == f"{saga_id}.b.undo.1"
+
+
+def test_a_saga_past_its_pivot_ignores_its_deadline_and_goes_forward(db: str):
+    saga_id = start_saga(cs.recovery_pivot, {})
+    apply_event(saga_id, StepSucceeded("a", "action", {}))
+    apply_event(saga_id, StepSucceeded("p", "action", {}))
+    with get_store().begin() as conn:
+        conn.execute(update(sagas_t).where(sagas_t.c.id == saga_id)
+                     .values(deadline_at=utcnow() - timedelta(seconds=1)))
+    report = recover_stalled()
+    assert saga_id not in report.deadline_compensated
+    assert get_store().get_view(saga_id)["state"] == "RUNNING"
+    with get_store().read() as conn:
+        deadline = conn.execute(
+            select(sagas_t.c.deadline_at).where(sagas_t.c.id == saga_id)
+        ).scalar_one()
+    assert deadline is None, "a saga that can only go forward is not looked at again"
+
+
+def test_sagas_recover_by_hand_prints_a_one_line_summary(db: str, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from tests.support.workers import ROOT
+
+    saga_id = start_saga(cs.recovery_unit, {})
+    make_stale(saga_id)
+    env = dict(os.environ, DATABASE_URL=db, PYTHONPATH=str(ROOT),
+               SAGAS_IMPORTS="tests.support.test_sagas,tests.chaos.crash_sagas")
+    dry = subprocess.run([sys.executable, "-m", "sagas.cli", "recover", "--dry-run", "--json"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert saga_id in json.loads(dry.stdout)["redriven"]
+    assert len(published(saga_id)) == 1, "a dry run changes nothing"
+    run = subprocess.run([sys.executable, "-m", "sagas.cli", "recover"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("recovery: ")
+    assert "re-drove" in lines[0]
+    assert len(published(saga_id)) == 2
+
+
+# --- crash scenarios against a private deployment ---------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("recovery-cluster"),
+                env={"RECOVERY_INTERVAL": str(RECOVERY_INTERVAL),
+                     "STEP_TIMEOUT": str(STEP_TIMEOUT)})
+    try:
+        c.migrate()
+        c.start_workers({"w": ("crashy,saga", 2)})
+        c.start_beat()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def live(cluster: Cluster) -> Cluster:
+    cluster.ensure_workers()
+    return cluster
+
+
+def start(cluster: Cluster, plan: dict[str, Any], undo_plan: dict[str, Any] | None = None
+          ) -> str:
+    body = {"plan": plan, "undo_plan": undo_plan or {}}
+    return cluster.client("start", "t_crashy", json.dumps(body))["id"]
+
+
+def assert_redriven_in_bound(cluster: Cluster, saga_id: str, bound: float = REDRIVE_BOUND
+                             ) -> float:
+    redrives = [r for r in cluster.redrives() if r["saga"] == saga_id]
+    assert redrives, f"saga {saga_id} was never re-driven"
+    slowest = max(r["stalled_s"] for r in redrives)
+    assert slowest <= bound, f"re-driven {slowest:.1f}s after its last progress"
+    print(f"saga {saga_id}: re-driven {slowest:.2f}s after its last progress")
+    return slowest
+
+
+def test_worker_killed_mid_step_is_redriven_by_beat_and_completes(live: Cluster):
+    saga_id = start(live, {"b": {"crash": "worker_before"}})
+    live.wait_worker_dead("w")
+    live.restart_worker("w")
+    view = live.wait_for(saga_id, timeout=60)
+    assert view["state"] == "COMPLETED"
+    assert_redriven_in_bound(live, saga_id)
+    assert live.effect(f"{saga_id}:b")
+    assert live.calls(saga_id, "b", "action") == 2
+
+
+def test_worker_killed_mid_compensation_is_redriven_and_compensates_once(live: Cluster):
+    saga_id = start(live, {"c": {"fail": True}}, {"b": {"crash": "worker_before"}})
+    live.wait_worker_dead("w")
+    live.restart_worker("w")
+    view = live.wait_for(saga_id, timeout=60)
+    assert view["state"] == "COMPENSATED"
+    assert [s["state"] for s in view["steps"]] == ["COMPENSATED", "COMPENSATED", "FAILED"]
+    assert_redriven_in_bound(live, saga_id)
+    assert live.calls(saga_id, "b", "compensation") == 2
+    assert live.calls(saga_id, "a", "compensation") == 1
+
+
+def test_worker_killed_after_the_effect_before_the_callback_applies_it_once(live: Cluster):
+    saga_id = start(live, {"a": {"crash": "worker_after"}})
+    live.wait_worker_dead("w")
+    live.restart_worker("w")
+    view = live.wait_for(saga_id, timeout=60)
+    assert view["state"] == "COMPLETED"
+    assert_redriven_in_bound(live, saga_id)
+    assert live.calls(saga_id, "a", "action") == 2, "delivered twice"
+    assert view["context"]["results"]["a"]["applied"] is False, "the second found the effect"
+
+
+def test_coordinator_killed_mid_transition_is_redriven(live: Cluster):
+    saga_id = start(live, {"b": {"crash": "coordinator"}})
+    live.wait_worker_dead("w")
+    # The transition never committed: SQL still says b is running.
+    assert {s["name"]: s["state"] for s in live.view(saga_id)["steps"]}["b"] == "RUNNING"
+    live.restart_worker("w")
+    view = live.wait_for(saga_id, timeout=60)
+    assert view["state"] == "COMPLETED"
+    assert_redriven_in_bound(live, saga_id)
+    assert live.calls(saga_id, "b", "action") == 2
+
+
+def test_redis_restarted_empty_loses_no_saga(live: Cluster):
+    live.workers["w"].stop()  # nobody consumes: the first steps wait in Redis
+    began = time.monotonic()
+    sagas = [start(live, {}) for _ in range(3)]
+    live.restart_redis()
+    live.restart_worker("w")
+    # Stalled since its start; re-driven within the bound of the worker (and beat) being back.
+    bound = time.monotonic() - began + REDRIVE_BOUND
+    for saga_id in sagas:
+        assert live.wait_for(saga_id, timeout=60)["state"] == "COMPLETED"
+        assert_redriven_in_bound(live, saga_id, bound)
+        for step in "abc":
+            assert live.calls(saga_id, step, "action") == 1
