@@ -1,0 +1,399 @@
+"""The engine's HTTP surface (FastAPI): list, show, retry and cancel sagas, and health checks.
+
+Engine-generic: it knows sagas, not orders. An application assembles it with its own routers
+(see ``config.web``) and passes in its Celery app and how to read the admin token, so this
+module never imports the application's settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from celery import Celery
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sagas.errors import (
+    IdempotencyConflictError,
+    InvalidSagaInputError,
+    SagaError,
+    SagaNotFoundError,
+    SagaStateError,
+    StoreUnavailableError,
+)
+from sagas.states import SagaState
+
+log = logging.getLogger("sagas.api")
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+SAGA_ID = Path(min_length=1, max_length=64, description="The saga id (a Celery task id)")
+
+
+# --- response models ---------------------------------------------------------
+class Problem(BaseModel):
+    """Every error answer: one human-readable line."""
+
+    detail: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    field: str = Field(description="Dotted path of the offending field inside its part")
+    msg: str
+    type: str
+
+
+class ValidationProblem(BaseModel):
+    detail: list[FieldError]
+
+
+class SagaSummary(BaseModel):
+    id: str
+    name: str
+    state: SagaState
+    error: str | None
+    created_at: str | None
+    updated_at: str | None
+
+
+class SagaPage(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[SagaSummary]
+
+
+class StepView(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    state: str
+    attempts: int
+    compensation_attempts: int
+    error: str | None
+    result: Any = None
+    started_at: str | None
+    finished_at: str | None
+
+
+class EventView(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    step: str | None
+    from_state: str | None
+    to_state: str
+    attempt: int
+    error: str | None
+    at: str | None
+
+
+class SagaView(BaseModel):
+    """The same JSON as ``sagas show --json``; keys the store adds later pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    name: str
+    state: SagaState
+    error: str | None
+    created_at: str | None
+    updated_at: str | None
+    context: dict[str, Any]
+    steps: list[StepView]
+    events: list[EventView]
+
+
+class ActionResult(BaseModel):
+    id: str
+    action: str
+    state: SagaState
+    note: str | None = Field(None, description="Why nothing changed, when nothing did")
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+    broker: str
+
+
+# --- auth --------------------------------------------------------------------
+_bearer = HTTPBearer(auto_error=False, description="ADMIN_TOKEN as a Bearer token")
+
+
+@dataclass(frozen=True)
+class AdminAuth:
+    """Where the admin token comes from; callables so a changed setting takes effect."""
+
+    token: Callable[[], str | None]
+    protect_reads: Callable[[], bool] = lambda: False
+
+    def check(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        if credentials is None or not credentials.credentials:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "missing Bearer token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        expected = self.token()
+        if not expected:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, "admin actions are disabled: ADMIN_TOKEN is not set"
+            )
+        if not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid token")
+
+    def admin(self) -> Callable[..., None]:
+        def require_admin(
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        ) -> None:
+            self.check(credentials)
+
+        return require_admin
+
+    def reader(self) -> Callable[..., None]:
+        def require_reader(
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        ) -> None:
+            if self.protect_reads():
+                self.check(credentials)
+
+        return require_reader
+
+
+# --- health ------------------------------------------------------------------
+def check_database() -> str:
+    """'ok', or why not: reads the saga table, so an unmigrated database is not healthy."""
+    from sagas.models import SagaRow
+    from sagas.runtime import get_store
+
+    try:
+        with get_store().read() as conn:
+            conn.execute(select(SagaRow.id).limit(1)).all()
+    except Exception as exc:
+        log.warning("health: database: %s", exc)
+        return f"unavailable: {_first_line(exc)}"
+    return "ok"
+
+
+def check_broker(celery_app: Celery, timeout: float = 3.0) -> str:
+    """'ok' when a broker connection can be made within ``timeout`` seconds."""
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2,
+                                   timeout=timeout)
+    except Exception as exc:
+        log.warning("health: broker: %s", exc)
+        return f"unavailable: {_first_line(exc)}"
+    return "ok"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- the router --------------------------------------------------------------
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No Bearer token"},
+    403: {"model": Problem, "description": "Wrong token, or admin actions disabled"},
+    404: {"model": Problem, "description": "No saga with that id"},
+    409: {"model": Problem, "description": "The saga's state does not allow this"},
+    503: {"model": Problem, "description": "Database or broker unreachable"},
+}
+
+
+def saga_router(celery_app: Celery, auth: AdminAuth) -> APIRouter:
+    """Routes under /sagas plus /healthz for any application built on the engine."""
+    router = APIRouter()
+    read = [Depends(auth.reader())]
+    admin = [Depends(auth.admin())]
+    read_errors = {k: _ERRORS[k] for k in (401, 403, 503)}
+
+    @router.get("/healthz", response_model=Health, tags=["health"],
+                responses={503: {"model": Health, "description": "Something is down"}})
+    def healthz() -> JSONResponse:
+        """Database and broker reachability; 503 when either is down (for load balancers)."""
+        database = check_database()
+        broker = check_broker(celery_app)
+        ok = database == "ok" and broker == "ok"
+        body = Health(status="ok" if ok else "unavailable", database=database, broker=broker)
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    @router.get("/sagas", response_model=SagaPage, tags=["sagas"], dependencies=read,
+                responses=read_errors)
+    def list_sagas(
+        state: Annotated[SagaState | None, Query(description="Only sagas in this state")] = None,
+        name: Annotated[str | None, Query(max_length=100, description="Saga name")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> SagaPage:
+        """Sagas, newest first."""
+        from sagas.runtime import get_store
+
+        rows, total = get_store().list_sagas(
+            state=str(state) if state else None, name=name, limit=limit, offset=offset
+        )
+        return SagaPage(total=total, limit=limit, offset=offset,
+                        items=[SagaSummary.model_validate(r) for r in rows])
+
+    @router.get("/sagas/{saga_id}", response_model=SagaView, tags=["sagas"], dependencies=read,
+                responses={k: _ERRORS[k] for k in (401, 403, 404, 503)})
+    def show_saga(saga_id: Annotated[str, SAGA_ID]) -> dict[str, Any]:
+        """Steps with state, attempts, timestamps and errors; context; history."""
+        from sagas.runtime import get_store
+
+        return get_store().get_view(saga_id)
+
+    @router.post("/sagas/{saga_id}/retry", response_model=ActionResult, tags=["sagas"],
+                 status_code=status.HTTP_202_ACCEPTED, dependencies=admin, responses=_ERRORS)
+    def retry(saga_id: Annotated[str, SAGA_ID]) -> ActionResult:
+        """Resume a COMPENSATION_FAILED saga's rollback, or re-drive a stalled running one."""
+        from sagas.runtime import retry_saga
+
+        return _acted(saga_id, "retry", retry_saga(saga_id).ignored)
+
+    @router.post("/sagas/{saga_id}/cancel", response_model=ActionResult, tags=["sagas"],
+                 status_code=status.HTTP_202_ACCEPTED, dependencies=admin, responses=_ERRORS)
+    def cancel(saga_id: Annotated[str, SAGA_ID]) -> ActionResult:
+        """A running saga compensates what it did; refused (409) once its pivot succeeded."""
+        from sagas.runtime import cancel_saga
+
+        return _acted(saga_id, "cancel", cancel_saga(saga_id, "cancelled through the API").ignored)
+
+    return router
+
+
+def _acted(saga_id: str, action: str, ignored: str | None) -> ActionResult:
+    from sagas.runtime import get_store
+
+    state = get_store().get_view(saga_id)["state"]
+    return ActionResult(id=saga_id, action=action, state=state, note=ignored)
+
+
+# --- errors and limits -------------------------------------------------------
+def _problem(code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=code, headers=headers)
+
+
+def unavailable_reason(exc: BaseException) -> str | None:
+    """'database' or 'broker' when ``exc`` means that server is unreachable, else None."""
+    import redis.exceptions
+    import sqlalchemy.exc
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    if isinstance(exc, StoreUnavailableError | sqlalchemy.exc.OperationalError
+                  | sqlalchemy.exc.InterfaceError):
+        return "database"
+    if isinstance(exc, KombuOperationalError | redis.exceptions.ConnectionError
+                  | redis.exceptions.TimeoutError | ConnectionError):
+        return "broker"
+    return None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Expected failures become 404/409/422/503 with a JSON body; nothing leaks a bare 500."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Our own shape: FastAPI's default echoes the input back, and a NaN there
+        # cannot even be serialised.
+        errors = [
+            FieldError(
+                loc=[str(p) if not isinstance(p, int) else p for p in e.get("loc", ())],
+                field=".".join(str(p) for p in e.get("loc", ())[1:]),
+                msg=str(e.get("msg", "invalid")), type=str(e.get("type", "value_error")),
+            ).model_dump()
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(SagaError)
+    async def _saga_error(_: Request, exc: SagaError) -> JSONResponse:
+        if isinstance(exc, SagaNotFoundError):
+            return _problem(404, str(exc))
+        if isinstance(exc, SagaStateError | IdempotencyConflictError):
+            return _problem(409, str(exc))
+        if isinstance(exc, InvalidSagaInputError):
+            return _problem(422, str(exc))
+        if isinstance(exc, StoreUnavailableError):
+            return _unavailable("database", exc)
+        log.exception("saga error", exc_info=exc)
+        return _problem(500, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        reason = unavailable_reason(exc)
+        if reason:
+            return _unavailable(reason, exc)
+        log.exception("unhandled error", exc_info=exc)
+        return _problem(500, "internal error")
+
+
+def _unavailable(what: str, exc: BaseException) -> JSONResponse:
+    log.warning("%s unavailable: %s", what, exc)
+    return _problem(503, f"{what} unavailable, try again later", {"Retry-After": "5"})
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent.
+
+    The body is buffered (it is small by definition) and replayed to the app, so a too-large
+    body is refused before any handler has acted on part of it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int | Callable[[], int] = DEFAULT_MAX_BODY_BYTES
+                 ) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def limit(self) -> int:
+        return self.max_bytes() if callable(self.max_bytes) else self.max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit()
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(limit, scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._refuse(limit, scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _problem(413, f"request body over {limit} bytes")
+        await response(scope, receive, send)

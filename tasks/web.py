@@ -1,0 +1,325 @@
+"""The order domain's HTTP routes: take orders, show them, and show each service's ledger.
+
+``POST /orders`` records the order and enqueues ``start_order_saga`` with the order id as the
+Celery task id, so the order id is the saga id. The ``orders`` table is what makes an
+``Idempotency-Key`` answer synchronously: a repeat finds the first order (and its saga) even
+before any worker has picked the start message up, and a reused key with another body is a 409.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Generic, TypeVar
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response, status
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import JSON, DateTime, String, Table, delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql import Select
+
+from sagas.api import AdminAuth, Problem
+from sagas.models import SagaRow, StepRow
+from sagas.states import SagaState
+from sagas.store import input_digest, utcnow
+from tasks.db import transaction
+from tasks.models import Charge, DomainBase, Refund, Reservation, Shipment, Stock
+from tasks.order_saga import OrderInput, start_order_saga
+from tasks.payment import order_amount
+
+T = TypeVar("T")
+
+
+class Order(DomainBase):
+    """One accepted order; schema in migration ``orders_0002``."""
+
+    __tablename__ = "orders"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    saga_id: Mapped[str] = mapped_column(String(64), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    body_digest: Mapped[str] = mapped_column(String(64))
+    customer_id: Mapped[str] = mapped_column(String(100), index=True)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True,
+                                                 server_default=func.now())
+
+
+orders_t: Table = Order.__table__  # type: ignore[assignment]
+sagas_t: Table = SagaRow.__table__  # type: ignore[assignment]
+steps_t: Table = StepRow.__table__  # type: ignore[assignment]
+
+
+# --- request and response models ---------------------------------------------
+class OrderRequest(OrderInput):
+    """The order as a client sends it: strict types, so ``"2"`` or ``true`` is not a number."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class OrderOut(BaseModel):
+    id: str = Field(description="The order id; also the saga id")
+    saga_id: str
+    status: SagaState = Field(description="The saga's state; PENDING until a worker starts it")
+    customer_id: str
+    item: str
+    quantity: int
+    price: float
+    amount: Decimal = Field(description="quantity x price, as the payment service charges it")
+    error: str | None = None
+    created_at: datetime | None
+    steps: dict[str, str] | None = Field(None, description="Step name -> state (detail only)")
+
+
+class Page(BaseModel, Generic[T]):
+    total: int
+    limit: int
+    offset: int
+    items: list[T]
+
+
+class StockOut(BaseModel):
+    sku: str
+    available: int
+
+
+class ReservationOut(BaseModel):
+    key: str
+    saga_id: str
+    sku: str
+    quantity: int
+    state: str
+    created_at: datetime | None
+    released_at: datetime | None
+
+
+class ChargeOut(BaseModel):
+    key: str
+    saga_id: str
+    customer_id: str
+    amount: Decimal
+    state: str
+    created_at: datetime | None
+
+
+class RefundOut(BaseModel):
+    charge_key: str
+    saga_id: str
+    amount: Decimal
+    created_at: datetime | None
+
+
+class ShipmentOut(BaseModel):
+    key: str
+    saga_id: str
+    customer_id: str
+    sku: str
+    quantity: int
+    created_at: datetime | None
+
+
+class InventoryOut(BaseModel):
+    stock: list[StockOut]
+    reservations: Page[ReservationOut]
+
+
+class PaymentsOut(BaseModel):
+    charges: Page[ChargeOut]
+    refunds: Page[RefundOut]
+
+
+# --- helpers -------------------------------------------------------------------
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0)]
+SagaFilter = Annotated[str | None, Query(max_length=64, description="Only this saga's rows")]
+
+_ORDER_COLUMNS = (
+    orders_t, sagas_t.c.state.label("saga_state"), sagas_t.c.error.label("saga_error"),
+)
+
+
+def _orders_query() -> Select[Any]:
+    return select(*_ORDER_COLUMNS).outerjoin(sagas_t, sagas_t.c.id == orders_t.c.saga_id)
+
+
+def _order_out(row: Any, steps: dict[str, str] | None = None) -> OrderOut:
+    body = row.body
+    return OrderOut(
+        id=row.id, saga_id=row.saga_id, status=row.saga_state or SagaState.PENDING,
+        customer_id=body["customer_id"], item=body["item"], quantity=body["quantity"],
+        price=body["price"], amount=order_amount(body), error=row.saga_error,
+        created_at=row.created_at, steps=steps,
+    )
+
+
+def _find(column: Any, value: str) -> Any:
+    with transaction() as conn:
+        return conn.execute(_orders_query().where(column == value)).first()
+
+
+def _page(model: type[BaseModel], table: Table, saga_id: str | None, limit: int, offset: int,
+          order_by: Any) -> dict[str, Any]:
+    query = select(table)
+    count = select(func.count()).select_from(table)
+    if saga_id:
+        query = query.where(table.c.saga_id == saga_id)
+        count = count.where(table.c.saga_id == saga_id)
+    with transaction() as conn:
+        rows = conn.execute(query.order_by(*order_by).limit(limit).offset(offset)).all()
+        total = int(conn.execute(count).scalar_one())
+    return {"total": total, "limit": limit, "offset": offset,
+            "items": [model.model_validate(r._mapping) for r in rows]}
+
+
+def _enqueue(order_id: str, payload: dict[str, Any], key: str | None) -> None:
+    """Publish the start; the worker's ``start_saga`` dedups by saga id, so re-sending is safe."""
+    start_order_saga.apply_async(
+        args=(payload,), kwargs={"idempotency_key": f"order:{key}" if key else None},
+        task_id=order_id,
+    )
+
+
+def _replay(existing: Any, digest: str, payload: dict[str, Any], key: str,
+            response: Response) -> OrderOut:
+    if existing.body_digest != digest:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"Idempotency-Key {key!r} was already used for order {existing.id} "
+            "with a different body",
+        )
+    if existing.saga_state is None:
+        # The first request may have died between its commit and its publish.
+        _enqueue(existing.id, existing.body, key)
+    response.headers["Idempotent-Replayed"] = "true"
+    return _order_out(existing)
+
+
+# --- the router ----------------------------------------------------------------
+def orders_router(auth: AdminAuth) -> APIRouter:
+    """Orders and the participants' read-only ledgers."""
+    router = APIRouter()
+    read = [Depends(auth.reader())]
+    read_errors: dict[int | str, dict[str, Any]] = {
+        401: {"model": Problem}, 403: {"model": Problem}, 503: {"model": Problem},
+    }
+
+    @router.post(
+        "/orders", response_model=OrderOut, status_code=status.HTTP_202_ACCEPTED,
+        tags=["orders"],
+        responses={409: {"model": Problem, "description": "Idempotency-Key reused"},
+                   413: {"model": Problem}, 503: {"model": Problem}},
+    )
+    def create_order(
+        order: OrderRequest,
+        response: Response,
+        idempotency_key: Annotated[
+            str | None,
+            Header(min_length=1, max_length=150,
+                   description="A repeat with the same key returns the same order"),
+        ] = None,
+    ) -> OrderOut:
+        """Accept an order and start its saga; 202 because the saga runs on the workers."""
+        payload = order.model_dump(mode="json")
+        digest = input_digest(payload)
+        if idempotency_key:
+            existing = _find(orders_t.c.idempotency_key, idempotency_key)
+            if existing is not None:
+                return _replay(existing, digest, payload, idempotency_key, response)
+        order_id = str(uuid.uuid4())
+        try:
+            with transaction() as conn:
+                conn.execute(insert(orders_t).values(
+                    id=order_id, saga_id=order_id, idempotency_key=idempotency_key,
+                    body_digest=digest, customer_id=order.customer_id, body=payload,
+                    created_at=utcnow(),
+                ))
+        except IntegrityError:
+            # Lost a race with a concurrent request carrying the same key.
+            existing = _find(orders_t.c.idempotency_key, idempotency_key or "")
+            if existing is None:
+                raise
+            return _replay(existing, digest, payload, idempotency_key or "", response)
+        try:
+            _enqueue(order_id, payload, idempotency_key)
+        except Exception:
+            if not idempotency_key:
+                # Nobody can ask for this order again: do not leave it pending forever.
+                # (With a key, the client's retry finds it and publishes again.)
+                with transaction() as conn:
+                    conn.execute(delete(orders_t).where(orders_t.c.id == order_id))
+            raise
+        response.headers["Location"] = f"/orders/{order_id}"
+        return _order_out(_find(orders_t.c.id, order_id))
+
+    @router.get("/orders", response_model=Page[OrderOut], tags=["orders"], dependencies=read,
+                responses=read_errors)
+    def list_orders(
+        customer_id: Annotated[str | None, Query(max_length=100)] = None,
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """Orders, newest first, each with its saga's state."""
+        query = _orders_query()
+        count = select(func.count()).select_from(orders_t)
+        if customer_id:
+            query = query.where(orders_t.c.customer_id == customer_id)
+            count = count.where(orders_t.c.customer_id == customer_id)
+        query = query.order_by(orders_t.c.created_at.desc(), orders_t.c.id)
+        with transaction() as conn:
+            rows = conn.execute(query.limit(limit).offset(offset)).all()
+            total = int(conn.execute(count).scalar_one())
+        return {"total": total, "limit": limit, "offset": offset,
+                "items": [_order_out(r) for r in rows]}
+
+    @router.get("/orders/{order_id}", response_model=OrderOut, tags=["orders"],
+                dependencies=read, responses={**read_errors, 404: {"model": Problem}})
+    def show_order(order_id: Annotated[str, Path(min_length=1, max_length=64)]) -> OrderOut:
+        """One order; its status follows the saga, with each step's state."""
+        row = _find(orders_t.c.id, order_id)
+        if row is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no order with id {order_id!r}")
+        with transaction() as conn:
+            steps = conn.execute(
+                select(steps_t.c.name, steps_t.c.state).where(steps_t.c.saga_id == row.saga_id)
+            ).all()
+        return _order_out(row, {s.name: s.state for s in steps})
+
+    @router.get("/inventory", response_model=InventoryOut, tags=["ledgers"], dependencies=read,
+                responses=read_errors)
+    def inventory(saga_id: SagaFilter = None, limit: Limit = 100, offset: Offset = 0
+                  ) -> dict[str, Any]:
+        """Stock per sku and the reservations ledger (reserved, released, cancelled)."""
+        stock_t = Stock.__table__
+        with transaction() as conn:
+            stock = conn.execute(select(stock_t).order_by(stock_t.c.sku)).all()
+        table = Reservation.__table__
+        return {
+            "stock": [StockOut.model_validate(r._mapping) for r in stock],
+            "reservations": _page(ReservationOut, table, saga_id, limit, offset,
+                                  (table.c.created_at.desc(), table.c.key)),
+        }
+
+    @router.get("/payments", response_model=PaymentsOut, tags=["ledgers"], dependencies=read,
+                responses=read_errors)
+    def payments(saga_id: SagaFilter = None, limit: Limit = 100, offset: Offset = 0
+                 ) -> dict[str, Any]:
+        """Charges (charged, refunded, cancelled) and refunds, at most one per charge."""
+        charges, refunds = Charge.__table__, Refund.__table__
+        return {
+            "charges": _page(ChargeOut, charges, saga_id, limit, offset,
+                             (charges.c.created_at.desc(), charges.c.key)),
+            "refunds": _page(RefundOut, refunds, saga_id, limit, offset,
+                             (refunds.c.created_at.desc(), refunds.c.charge_key)),
+        }
+
+    @router.get("/shipments", response_model=Page[ShipmentOut], tags=["ledgers"],
+                dependencies=read, responses=read_errors)
+    def shipments(saga_id: SagaFilter = None, limit: Limit = 100, offset: Offset = 0
+                  ) -> dict[str, Any]:
+        """Shipments created (the pivot: an order that shipped only goes forward)."""
+        table = Shipment.__table__
+        return _page(ShipmentOut, table, saga_id, limit, offset,
+                     (table.c.created_at.desc(), table.c.key))
+
+    return router
