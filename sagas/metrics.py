@@ -1,0 +1,208 @@
+"""Prometheus metrics of sagas and steps, fed by a listener and served at ``/metrics``.
+
+Counters and histograms are updated where transitions and attempts happen (workers, the web
+app). With ``PROMETHEUS_MULTIPROC_DIR`` set in every process before start, prometheus-client
+keeps them in files that any process aggregates: the web app's ``/metrics`` then shows the
+workers' numbers too, and a prefork worker's main process serves them on
+``SAGAS_METRICS_PORT``. Gauges of sagas in flight are read from the store at scrape time, so
+they are right whichever process moved the saga.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sagas.listeners import SagaListener, StepAttempt, TransitionEvent
+
+log = logging.getLogger("sagas.metrics")
+
+SAGA_FINAL = ("COMPLETED", "COMPENSATED", "COMPENSATION_FAILED")
+STEP_FINAL = ("SUCCEEDED", "FAILED", "COMPENSATED", "COMPENSATION_FAILED", "SKIPPED")
+IN_FLIGHT = ("PENDING", "RUNNING", "COMPENSATING", "COMPENSATION_FAILED")
+_LONG = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, float("inf"))
+
+SAGAS_STARTED = Counter("sagas_started_total", "Sagas started", ["saga"])
+SAGAS_FINISHED = Counter(
+    "sagas_finished_total", "Sagas that reached a final (or parked) state", ["saga", "state"]
+)
+STEPS_FINISHED = Counter(
+    "saga_steps_finished_total", "Steps that reached a final state", ["saga", "step", "state"]
+)
+STEP_RETRIES = Counter("saga_step_retries_total", "Step attempts retried", ["saga", "step"])
+COMPENSATION_FAILURES = Counter(
+    "saga_compensation_failures_total",
+    "Compensations that failed for good (the saga parks)", ["saga", "step"],
+)
+RECOVERIES = Counter(
+    "saga_recoveries_total",
+    "Work re-driven by the reconciler: a stalled step re-published, or an unstarted saga started",
+    ["saga"],
+)
+STEP_DURATION = Histogram(
+    "saga_step_duration_seconds", "Run time of one step attempt", ["saga", "step", "outcome"]
+)
+COMPENSATION_DURATION = Histogram(
+    "saga_compensation_duration_seconds", "Run time of one compensation attempt",
+    ["saga", "step", "outcome"],
+)
+SAGA_DURATION = Histogram(
+    "saga_duration_seconds", "Start to final (or parked) state", ["saga", "state"],
+    buckets=_LONG,
+)
+
+
+class MetricsListener(SagaListener):
+    """Counts transitions and times attempts; a few microseconds per call."""
+
+    def on_saga_transition(self, event: TransitionEvent) -> None:
+        if event.to_state == "RUNNING" and event.from_state == "PENDING":
+            SAGAS_STARTED.labels(event.saga).inc()
+            if event.cause == "Redrive":  # recovery started a saga nobody had started
+                RECOVERIES.labels(event.saga).inc()
+        elif event.to_state in SAGA_FINAL:
+            SAGAS_FINISHED.labels(event.saga, event.to_state).inc()
+            if event.duration is not None:
+                SAGA_DURATION.labels(event.saga, event.to_state).observe(event.duration)
+
+    def on_step_transition(self, event: TransitionEvent) -> None:
+        step = event.step or ""
+        if event.to_state in STEP_FINAL:
+            STEPS_FINISHED.labels(event.saga, step, event.to_state).inc()
+            if event.to_state == "COMPENSATION_FAILED":
+                COMPENSATION_FAILURES.labels(event.saga, step).inc()
+        elif event.to_state == event.from_state and event.cause == "StepRetrying":
+            STEP_RETRIES.labels(event.saga, step).inc()
+        if event.cause == "Redrive" and event.from_state == event.to_state:
+            RECOVERIES.labels(event.saga).inc()
+
+    def after_attempt(self, attempt: StepAttempt) -> None:
+        duration = attempt.duration
+        if duration is None:
+            return
+        hist = COMPENSATION_DURATION if attempt.phase == "compensation" else STEP_DURATION
+        hist.labels(attempt.saga, attempt.step, attempt.outcome or "failed").observe(duration)
+
+
+class InFlightCollector(Collector):
+    """``sagas_in_flight{state}`` from the store at scrape time (one indexed GROUP BY)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "sagas_in_flight", "Sagas not finished, per state (parked included)", labels=["state"]
+        )
+        try:
+            counts = in_flight_counts()
+        except Exception as exc:  # a scrape must not fail because the database blinked
+            log.warning("sagas_in_flight unavailable: %s", exc)
+            return
+        for state in IN_FLIGHT:
+            gauge.add_metric([state], counts.get(state, 0))
+        yield gauge
+
+
+def in_flight_counts() -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from sagas.runtime import get_store
+    from sagas.store import sagas_t
+
+    store = get_store()
+    with store.read() as conn:
+        rows = conn.execute(
+            select(sagas_t.c.state, func.count())
+            .where(sagas_t.c.state.in_(IN_FLIGHT))
+            .group_by(sagas_t.c.state)
+        ).all()
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def scrape_registry() -> CollectorRegistry:
+    """The registry to expose: every process's files in multiprocess mode, else this process."""
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(InFlightCollector())
+        return registry
+    _ensure_in_flight_registered()
+    return REGISTRY
+
+
+_in_flight_registered = False
+
+
+def _ensure_in_flight_registered() -> None:
+    global _in_flight_registered
+    if not _in_flight_registered:
+        REGISTRY.register(InFlightCollector())
+        _in_flight_registered = True
+
+
+def render() -> bytes:
+    return generate_latest(scrape_registry())
+
+
+router = APIRouter(tags=["observability"])
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics_endpoint() -> Response:
+    """Prometheus text format."""
+    return Response(render(), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- workers -------------------------------------------------------------------------------
+_served = False
+
+
+def serve_worker_metrics(port: int | None = None, addr: str = "0.0.0.0") -> bool:
+    """In a worker's main process: serve the pool's aggregated metrics on ``port``."""
+    global _served
+    from prometheus_client import start_http_server
+
+    from sagas.listeners import get_observability_settings
+
+    port = port or get_observability_settings().sagas_metrics_port
+    if not port or _served:
+        return False
+    if not multiprocess_dir():
+        log.warning("SAGAS_METRICS_PORT without PROMETHEUS_MULTIPROC_DIR: prefork children's "
+                    "metrics are invisible; see docs/observability.md")
+    start_http_server(port, addr=addr, registry=scrape_registry())
+    _served = True
+    log.info("worker metrics on %s:%s/metrics", addr, port)
+    return True
+
+
+def mark_process_dead(pid: int | None = None) -> None:
+    """Let a dead pool child's live gauges go (prometheus-client's multiprocess contract)."""
+    if multiprocess_dir():
+        try:
+            multiprocess.mark_process_dead(pid or os.getpid())
+        except Exception as exc:
+            log.debug("mark_process_dead: %s", exc)
+
+
+def sample(name: str, labels: dict[str, str] | None = None, registry: Any = None) -> float:
+    """One sample's value (0 when absent): handy in tests and health checks."""
+    value = (registry or scrape_registry()).get_sample_value(name, labels or {})
+    return float(value or 0.0)

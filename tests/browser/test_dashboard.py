@@ -1,0 +1,168 @@
+"""The dashboard in real headless Chromium (Debian's package), against real workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from sagas import dashboard, metrics, start_saga
+from tests.conftest import Backend, wait_for_saga
+from tests.support import test_sagas as ts
+from tests.support.services import free_port, require_service
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.parametrize("backend", ["sqlite"], indirect=True),  # one browser run is enough
+]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    """The dashboard and /metrics routers in a small app, served by uvicorn on loopback."""
+    app = FastAPI()
+    app.include_router(dashboard.router)
+    app.include_router(metrics.router)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    require_service(os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER),
+                    "Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,900",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def console_errors(driver: Any) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 20, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:  # the page re-renders between polls
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+def js(driver: Any, script: str) -> Any:
+    return driver.execute_script(script)
+
+
+def test_list_page_counts_filters_and_searches_sagas(
+    engine_backend: Backend, server: str, browser: Any
+):
+    done = start_saga(ts.linear, {})
+    undone = start_saga(ts.linear, {"plan": {"b": {"fail": True}}})
+    wait_for_saga(done)
+    wait_for_saga(undone)
+    browser.get(f"{server}/dashboard/")
+    wait_until(lambda: js(browser, "return document.querySelectorAll('tr[data-saga-id]').length"),
+               what="saga rows")
+    counts = js(browser, """return Object.fromEntries([...document.querySelectorAll(
+        '#counts .count')].map(c => [c.dataset.state, +c.querySelector('b').textContent]))""")
+    assert counts["COMPLETED"] >= 1 and counts["COMPENSATED"] >= 1
+
+    js(browser, "const f=document.getElementById('state-filter'); f.value='COMPENSATED';"
+                "f.dispatchEvent(new Event('change'))")
+    shown = wait_until(lambda: (lambda s: s if s and set(s) == {"COMPENSATED"} else None)(
+        js(browser, "return [...document.querySelectorAll('tr[data-saga-id] .badge')]"
+                    ".map(b => b.dataset.state)")), what="only compensated sagas")
+    assert shown
+
+    js(browser, "const f=document.getElementById('state-filter'); f.value='';"
+                "f.dispatchEvent(new Event('change'))")
+    browser.find_element("id", "search").send_keys(done[:13])
+    wait_until(lambda: js(browser, "return [...document.querySelectorAll('tr[data-saga-id]')]"
+                                   ".map(r => r.dataset.sagaId)") == [done], what="search hit")
+    assert console_errors(browser) == []
+
+
+def test_a_running_sagas_page_shows_its_steps_changing_state_live(
+    engine_backend: Backend, server: str, browser: Any
+):
+    saga_id = start_saga(ts.linear, {"plan": {"b": {"sleep": 2.5}}})
+    browser.get(f"{server}/dashboard/sagas/{saga_id}")
+
+    def states() -> dict[str, str]:
+        return js(browser, """return Object.fromEntries([...document.querySelectorAll(
+            '#graph g.node')].map(g => [g.dataset.step, g.dataset.state]))""")
+
+    running = wait_until(lambda: (lambda s: s if s.get("b") == "RUNNING" else None)(states()),
+                         what="step b running")
+    assert running["a"] == "SUCCEEDED" and running["d"] == "PENDING"
+    finished = wait_until(
+        lambda: (lambda s: s if set(s.values()) == {"SUCCEEDED"} else None)(states()),
+        timeout=30, what="every step succeeded, without a reload")
+    assert list(finished) == ["a", "b", "c", "d"]
+    wait_until(lambda: js(browser, "return document.querySelector('#saga-state .badge')"
+                                   ".dataset.state") == "COMPLETED", what="saga completed")
+    fills = js(browser, "return [...document.querySelectorAll('#graph rect')]"
+                        ".map(r => getComputedStyle(r).fill)")
+    assert len(set(fills)) == 1 and fills[0] != "rgb(0, 0, 0)", "coloured by state"
+    assert console_errors(browser) == []
+
+
+def test_a_compensated_sagas_timeline_shows_compensations_newest_first(
+    engine_backend: Backend, server: str, browser: Any
+):
+    saga_id = start_saga(ts.linear, {"plan": {"d": {"fail": True}}})
+    assert wait_for_saga(saga_id)["state"] == "COMPENSATED"
+    browser.get(f"{server}/dashboard/sagas/{saga_id}")
+    rows = wait_until(lambda: js(browser, """return [...document.querySelectorAll(
+        '#timeline tr')].map(r => [r.dataset.step, r.dataset.phase, r.dataset.outcome])"""),
+        what="timeline rows")
+    assert [r[0] for r in rows if r[1] == "compensation"] == ["c", "b", "a"]
+    assert ["d", "action", "failed"] in rows
+    assert all(o == "compensated" for _, p, o in rows if p == "compensation")
+    links = js(browser, "return [...document.querySelectorAll('#timeline a')].map(a => a.href)")
+    assert f"/task/{saga_id}.c.undo.1" in " ".join(links), "links to each task in Flower"
+    graph = js(browser, """return Object.fromEntries([...document.querySelectorAll(
+        '#graph g.node')].map(g => [g.dataset.step, g.dataset.state]))""")
+    assert graph == {"a": "COMPENSATED", "b": "COMPENSATED", "c": "COMPENSATED", "d": "FAILED"}
+    assert '"input"' in browser.find_element("id", "context").text
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-compensated-saga.png"))
+    assert console_errors(browser) == []
