@@ -1,0 +1,165 @@
+"""Trivial tasks for ``sagas bench``: the same three steps run as a saga and as a raw chain.
+
+The tasks are built on ``SagaTask`` (the app's default task class), so the saga variant records
+its progress where each step ran, while the raw variant calls the very same tasks as a plain
+``chain``: any difference in the figures is the engine's cost, not the tasks'.
+
+Measurement hooks are installed only when ``SAGAS_BENCH_DIR`` is set (workers the bench starts):
+- the last task of a saga or chain pushes ``"<key>|<monotonic time>"`` to a Redis list, after
+  the saga's final transition has been committed (``task_postrun`` runs after ``__call__``);
+- every SQL statement and commit is counted into a per-process memory-mapped file the bench
+  reads, so counting costs no round trip and never perturbs the timing it measures.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import chain
+from celery.signals import task_postrun
+
+from config import app
+from sagas.definition import RetryPolicy, Saga, Step
+from sagas.errors import BusinessError
+
+QUEUE = "bench"
+DONE_KEY = "bench:done"
+NO_RETRY = RetryPolicy(attempts=1, jitter=False)
+
+
+def _payload(arg: dict[str, Any]) -> dict[str, Any]:
+    """The saga input when called as a step, the previous result when called in a chain."""
+    return arg["input"] if "saga_id" in arg and "input" in arg else arg
+
+
+def _carry(arg: dict[str, Any]) -> dict[str, Any]:
+    payload = _payload(arg)
+    return {"key": payload.get("key"), "fail": bool(payload.get("fail"))}
+
+
+@app.task(name="bench.reserve", queue=QUEUE)
+def reserve(arg: dict[str, Any]) -> dict[str, Any]:
+    return _carry(arg)
+
+
+@app.task(name="bench.charge", queue=QUEUE)
+def charge(arg: dict[str, Any]) -> dict[str, Any]:
+    return _carry(arg)
+
+
+@app.task(name="bench.ship", queue=QUEUE)
+def ship(arg: dict[str, Any]) -> dict[str, Any]:
+    out = _carry(arg)
+    if out["fail"]:
+        raise BusinessError("bench: planned failure of the last step")
+    return out
+
+
+@app.task(name="bench.refund", queue=QUEUE)
+def refund(arg: dict[str, Any]) -> dict[str, Any]:
+    return _carry(arg)
+
+
+@app.task(name="bench.release", queue=QUEUE)
+def release(arg: dict[str, Any]) -> dict[str, Any]:
+    return _carry(arg)
+
+
+@app.task(name="bench.raw_failed", queue="saga", bind=True)
+def raw_failed(self: Any, task_id: str, payload: dict[str, Any]) -> None:
+    """The raw chain's errback (sent as a message): enqueue the two compensations, newest first."""
+    chain(refund.s(payload), release.s()).apply_async()
+
+
+bench_saga = Saga(
+    "bench",
+    steps=[
+        Step("reserve", action=reserve, compensation=release, queue=QUEUE, retry=NO_RETRY),
+        Step("charge", action=charge, compensation=refund, queue=QUEUE, retry=NO_RETRY),
+        Step("ship", action=ship, queue=QUEUE, retry=NO_RETRY),
+    ],
+)
+
+
+def raw_chain(payload: dict[str, Any]) -> Any:
+    """The floor: the same three tasks as a plain Celery chain, errback like ours on saga queue."""
+    c = chain(reserve.s(payload), charge.s(), ship.s())
+    if payload.get("fail"):
+        c = c.on_error(raw_failed.s(payload))
+    return c
+
+
+# --- measurement hooks (only in workers the bench starts) -----------------------------------
+
+_LAST_TASKS = {"bench.ship", "bench.release"}
+_SLOT = struct.Struct("<qq")  # statements, commits
+_counter: dict[str, Any] = {"pid": None, "map": None, "stmts": 0, "commits": 0}
+_redis: Any = None
+
+
+def _stats_map() -> mmap.mmap:
+    """This process's counter file; re-created after a fork so children never share a slot."""
+    if _counter["pid"] != os.getpid():
+        path = Path(os.environ["SAGAS_BENCH_DIR"]) / f"sql-{os.getpid()}.bin"
+        with open(path, "wb+") as fh:
+            fh.write(b"\0" * _SLOT.size)
+            fh.flush()
+            _counter["map"] = mmap.mmap(fh.fileno(), _SLOT.size)
+        _counter.update(pid=os.getpid(), stmts=0, commits=0)
+    return _counter["map"]
+
+
+def _on_statement(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+    if statement[:5].upper() == "BEGIN":
+        return
+    m = _stats_map()
+    _counter["stmts"] += 1
+    _SLOT.pack_into(m, 0, _counter["stmts"], _counter["commits"])
+
+
+def _on_commit(conn: Any) -> None:
+    m = _stats_map()
+    _counter["commits"] += 1
+    _SLOT.pack_into(m, 0, _counter["stmts"], _counter["commits"])
+
+
+def _marker(sender: Any = None, task: Any = None, args: Any = None, state: Any = None,
+            **_: Any) -> None:
+    global _redis
+    name = getattr(task, "name", None)
+    if name not in _LAST_TASKS or state != "SUCCESS" or not args:
+        return
+    arg = args[0]
+    key = _payload(arg).get("key") if isinstance(arg, dict) else None
+    if not key:
+        return
+    if name == "bench.ship" and _payload(arg).get("fail"):
+        return
+    if _redis is None:
+        import redis
+
+        from sagas.settings import get_settings
+
+        _redis = redis.Redis.from_url(get_settings().redis_url)
+    _redis.rpush(DONE_KEY, f"{key}|{time.monotonic():.6f}")
+
+
+def install_counters() -> None:
+    """Count SQL for any engine in this process (the bench client calls it for itself too)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "before_cursor_execute", _on_statement):
+        event.listen(Engine, "before_cursor_execute", _on_statement)
+        event.listen(Engine, "commit", _on_commit)
+
+
+# The marker is cheap and only reacts to bench payloads, so running workers support the bench too.
+task_postrun.connect(_marker, weak=False)
+if os.environ.get("SAGAS_BENCH_DIR"):
+    install_counters()

@@ -1,0 +1,49 @@
+"""Smoke run of ``sagas bench``: it runs end to end and reports every figure. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_smoke_reports_figures_and_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("DATABASE_URL", None)  # the bench uses its own private SQLite file and Redis
+    proc = subprocess.run(
+        [sys.executable, "-m", "sagas.cli", "bench", "-n", "20", "--repeat", "1", "--idle", "3",
+         "--warmup", "2", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sagas/s" in proc.stdout and "ours/raw" in proc.stdout
+    doc = json.loads(out.read_text())
+    summary = doc["summary"]
+    for scenario in ("happy", "failure"):
+        ours, raw, ratio = (summary[scenario][k] for k in ("ours", "raw", "ratio"))
+        for fig in (ours, raw):
+            assert fig["sagas_per_s"] > 0
+            assert fig["p50_ms"] > 0 and fig["p99_ms"] >= fig["p50_ms"]
+            assert fig["idle_p50_ms"] > 0
+            assert fig["worker_cpu_ms"] is not None
+        assert ratio["sagas_per_s"] > 0 and ratio["idle_p50_ms"] > 0
+        assert raw["sql_per_saga"] == 0, "the raw chain touches no SQL"
+        assert ours["sql_per_saga"] > 0 and ours["commits_per_saga"] >= 4
+    # Both variants publish one message per task: 3 on the happy path; on the failure path
+    # 3 + the errback + 2 compensations.
+    assert summary["happy"]["ours"]["msgs_per_saga"] == 3
+    assert summary["happy"]["raw"]["msgs_per_saga"] == 3
+    assert summary["failure"]["ours"]["msgs_per_saga"] == 6
+    assert summary["failure"]["raw"]["msgs_per_saga"] == 6
+    assert set(summary["targets"]) == {"throughput", "idle_p50", "failure_throughput"}
+    assert doc["machine"]["cores"] and doc["machine"]["database"] == "sqlite"
+    assert len(doc["runs"]) == 4
