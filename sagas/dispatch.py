@@ -95,7 +95,9 @@ def build_signature(app: Celery, saga: Saga, snap: SagaSnapshot, dispatch: Dispa
     return app.signature(name, args=(context,), **options)
 
 
-def publish(saga: Saga, snap: SagaSnapshot, dispatches: list[Dispatch], app: Celery | None = None) -> None:
+def publish(
+    saga: Saga, snap: SagaSnapshot, dispatches: list[Dispatch], app: Celery | None = None
+) -> None:
     if not dispatches:
         return
     app = app or current_app

@@ -258,7 +258,8 @@ class Store:
                 {
                     "saga_id": snap.id, "name": s.name, "state": str(s.state),
                     "attempts": s.attempts,
-                    "compensation_attempts": s.compensation_attempts, "result": s.result, "error": s.error,
+                    "compensation_attempts": s.compensation_attempts,
+                    "result": s.result, "error": s.error,
                     "started_at": now if s.state in _STARTING else None, "finished_at": None,
                 }
                 for s in snap.steps.values()
@@ -404,7 +405,8 @@ class Store:
         if name:
             query = query.where(sagas_t.c.name == name)
             count = count.where(sagas_t.c.name == name)
-        query = query.order_by(sagas_t.c.created_at.desc(), sagas_t.c.id).limit(limit).offset(offset)
+        query = query.order_by(sagas_t.c.created_at.desc(), sagas_t.c.id)
+        query = query.limit(limit).offset(offset)
         with self.read() as conn:
             rows = conn.execute(query).all()
             total = int(conn.execute(count).scalar_one())

@@ -12,8 +12,8 @@ import logging
 from typing import Any
 
 from celery import Task, shared_task
-from celery.signals import worker_ready
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
+from celery.signals import worker_ready
 
 from sagas.coordinator import ACTION, COMPENSATION, StepFailed, StepRetrying, StepSucceeded
 from sagas.definition import registered_sagas
@@ -29,7 +29,7 @@ _CONTEXT_KEYS = frozenset({"saga_id", "saga", "step", "phase", "idempotency_key"
 
 def saga_context(args: tuple[Any, ...]) -> dict[str, Any] | None:
     """The step context when this call is a saga step, else None (a plain task call)."""
-    if len(args) == 1 and isinstance(args[0], dict) and _CONTEXT_KEYS <= args[0].keys():
+    if len(args) == 1 and isinstance(args[0], dict) and args[0].keys() >= _CONTEXT_KEYS:
         return args[0]
     return None
 
@@ -87,7 +87,9 @@ def _run_step(task: Task, ctx: dict[str, Any], args: tuple[Any, ...]) -> Any:
                     saga_id, StepRetrying(ctx["step"], phase, attempt + 1, describe(exc))
                 )
                 if decision.ignored and "already recorded" not in decision.ignored:
-                    log.info("saga %s step %s: no retry: %s", saga_id, ctx["step"], decision.ignored)
+                    log.info(
+                        "saga %s step %s: no retry: %s", saga_id, ctx["step"], decision.ignored
+                    )
                     raise
                 # The policy bounds the attempts (checked above); None would mean the task's
                 # max_retries (the worker-lost cap), cutting the policy's last attempts short.
@@ -124,7 +126,9 @@ def step_succeeded(result: Any, saga_id: str, step: str, phase: str) -> None:
 
 
 @shared_task(name=STEP_FAILED_TASK, bind=True, ignore_result=True)
-def step_failed(self: Task, task_id: str, saga_id: str, step: str, phase: str, attempt: int) -> None:
+def step_failed(
+    self: Task, task_id: str, saga_id: str, step: str, phase: str, attempt: int
+) -> None:
     """``link_error`` target; ``bind=True`` makes Celery send it as a message, never inline."""
     error = _failure_of(self, task_id)
     failed = StepFailed(step, phase, error, definite=_is_definite(error))  # type: ignore[arg-type]
@@ -161,7 +165,9 @@ def _failure_of(task: Task, task_id: str) -> str:
 
 
 @shared_task(name="sagas.start", bind=True, ignore_result=True)
-def start(self: Task, saga_name: str, data: dict[str, Any], idempotency_key: str | None = None) -> str:
+def start(
+    self: Task, saga_name: str, data: dict[str, Any], idempotency_key: str | None = None
+) -> str:
     """Start any registered saga by name; the task id becomes the saga id."""
     return start_saga(saga_name, data, saga_id=self.request.id, idempotency_key=idempotency_key)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +23,8 @@ class WorkerProcess:
         self.queues = queues
         self.concurrency = concurrency
         self.name = name
-        self.log_path = (log_dir or Path("/tmp")) / f"worker-{name}-{os.getpid()}-{time.time_ns()}.log"
+        log_name = f"worker-{name}-{os.getpid()}-{time.time_ns()}.log"
+        self.log_path = (log_dir or Path("/tmp")) / log_name
         self.extra = extra or []
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -57,10 +59,8 @@ class WorkerProcess:
             os.killpg(self.process.pid, sig)
             self.process.wait(timeout)
         except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.process.wait(10)
 
     def log(self) -> str:
