@@ -1,8 +1,9 @@
 """The web app: ``uvicorn config.web:app`` (the Procfile's ``web`` entry, on ``$PORT``).
 
-It assembles the engine's routes (``/sagas``, ``/healthz``) and the order domain's (``/orders``
-and the ledgers) behind one set of rules: bodies over ``MAX_BODY_BYTES`` get 413, bad input 422
-with field errors, an unreachable database or broker 503, and retry/cancel need the admin token.
+It assembles the engine's routes (``/sagas``, ``/healthz``, ``/dashboard``, ``/metrics``) and
+the order domain's (``/orders`` and the ledgers) behind one set of rules: bodies over
+``MAX_BODY_BYTES`` get 413, bad input 422 with field errors, an unreachable database or broker
+503, and retry/cancel need the admin token.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from fastapi import FastAPI
 import tasks  # noqa: F401 - registers the order saga and its migrations
 from config.celery_app import app as celery_app
 from config.settings import Settings, get_app_settings
+from sagas import dashboard, metrics
 from sagas.api import AdminAuth, BodySizeLimit, install_error_handlers, saga_router
 from tasks.web import orders_router
 
@@ -41,6 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=lambda: current().max_body_bytes)
     app.include_router(saga_router(celery_app, auth))
     app.include_router(orders_router(auth))
+    app.include_router(dashboard.router)
+    app.include_router(metrics.router)
     return app
 
 

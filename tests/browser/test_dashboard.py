@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import uvicorn
-from fastapi import FastAPI
 
-from sagas import dashboard, metrics, start_saga
+from config.settings import Settings
+from config.web import create_app
+from sagas import start_saga
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.services import free_port, require_service
@@ -32,10 +33,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    """The dashboard and /metrics routers in a small app, served by uvicorn on loopback."""
-    app = FastAPI()
-    app.include_router(dashboard.router)
-    app.include_router(metrics.router)
+    """The product's own web app (config.web), served by uvicorn on loopback."""
+    app = create_app(Settings(admin_token="browser-test"))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

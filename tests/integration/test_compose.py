@@ -1,7 +1,7 @@
 """The deployment files: the Procfile runs under honcho, docker-compose.yml is a valid project.
 
 ``docker compose config`` needs only the docker client (no engine); it is skipped when no
-compose client is installed. The Procfile is not only parsed: honcho starts every entry and an
+compose client is installed (a failure under CI=true). The Procfile is not only parsed: honcho starts every entry and an
 order placed over HTTP completes on the pools it started.
 """
 
@@ -22,11 +22,11 @@ import httpx
 import pytest
 
 from config.queues import ALL_QUEUES
-from tests.support.services import RedisServer, free_port
+from tests.support.services import RedisServer, free_port, require_service
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-ROLES = {"web", "beat", "flower", *(f"worker_{q}" for q in ALL_QUEUES)}
+ROLES = {"web", "beat", "flower", "relay", *(f"worker_{q}" for q in ALL_QUEUES)}
 
 
 def procfile() -> dict[str, str]:
@@ -38,7 +38,7 @@ def procfile() -> dict[str, str]:
     return entries
 
 
-def test_the_procfile_has_web_beat_flower_and_one_worker_entry_per_queue():
+def test_the_procfile_has_web_beat_flower_relay_and_one_worker_entry_per_queue():
     entries = procfile()
     assert set(entries) == ROLES
     for queue in ALL_QUEUES:
@@ -46,6 +46,7 @@ def test_the_procfile_has_web_beat_flower_and_one_worker_entry_per_queue():
         assert re.search(rf"celery -A config worker -Q {queue}(\s|$)", command), command
     assert "celery -A config flower" in entries["flower"]
     assert "celery -A config beat" in entries["beat"]
+    assert entries["relay"] == "exec sagas relay"
     assert "uvicorn config.web:app" in entries["web"] and "$PORT" in entries["web"].replace(
         "${PORT:-8000}", "$PORT")
     check = subprocess.run([str(BIN / "honcho"), "check"], cwd=ROOT, capture_output=True,
@@ -134,8 +135,9 @@ def compose_command() -> list[str] | None:
 
 def test_docker_compose_config_is_valid_with_every_role_healthchecked():
     command = compose_command()
-    if command is None:
-        pytest.skip("no docker compose client installed (needs no engine when it is)")
+    # .ci/run installs one; locally its absence skips.
+    require_service(command is not None, "a docker compose client (needs no engine)")
+    assert command is not None
     env = {**os.environ, "ADMIN_TOKEN": "x"}
     result = subprocess.run([*command, "-f", str(ROOT / "docker-compose.yml"), "config"],
                             cwd=ROOT, env=env, capture_output=True, text=True, check=False)
