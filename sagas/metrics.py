@@ -186,7 +186,7 @@ def serve_worker_metrics(port: int | None = None, addr: str = "0.0.0.0") -> bool
         return False
     if not multiprocess_dir():
         log.warning("SAGAS_METRICS_PORT without PROMETHEUS_MULTIPROC_DIR: prefork children's "
-                    "metrics are invisible; see docs/observability.md")
+                    "metrics are invisible; see README, Metrics")
     start_http_server(port, addr=addr, registry=scrape_registry())
     _served = True
     log.info("worker metrics on %s:%s/metrics", addr, port)

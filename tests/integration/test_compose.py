@@ -1,8 +1,8 @@
 """The deployment files: the Procfile runs under honcho, docker-compose.yml is a valid project.
 
 ``docker compose config`` needs only the docker client (no engine); it is skipped when no
-compose client is installed (a failure under CI=true). The Procfile is not only parsed: honcho starts every entry and an
-order placed over HTTP completes on the pools it started.
+compose client is installed (a failure under CI=true). The Procfile is not only parsed: honcho
+starts every entry and an order placed over HTTP completes on the pools it started.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ failures of the pivot that say nothing about its effect (``definite=False``: a l
 an unreachable backend), a saga deadline, and the reconciler's ``Redrive`` at random moments.
 (A failure reported for any other step is taken as definite: FAILED steps are not
 compensated, so a participant must not report failure after committing its effect; see
-docs/guarantees.md.) Participants are modelled like the order domain's: one effect per
+README, Guarantees.) Participants are modelled like the order domain's: one effect per
 idempotency key, a compensation before its action leaves a tombstone, every compensation is a
 no-op when nothing happened. Whatever happens, once the saga settles the ledger balances:
 COMPLETED applied every effect exactly once, COMPENSATED left no effect that has a compensation
