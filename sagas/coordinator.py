@@ -87,8 +87,9 @@ class StepFailed:
     step: str
     phase: Phase
     error: str
-    # False when the failure says nothing about the effect (worker lost, broker or backend
-    # unreachable): the pivot, which has no compensation, is then re-driven, never failed.
+    # False when the failure says nothing about the effect (retries spent, time limit, worker
+    # lost, broker or backend unreachable): the pivot, which has no compensation, is then
+    # re-driven, never failed; any other step is compensated, in case its effect committed.
     definite: bool = True
 
 
@@ -313,6 +314,10 @@ def _on_failed(m: _Machine, event: StepFailed) -> str | None:
     if m.snap.state == SagaState.RUNNING:
         m.saga_to(SagaState.COMPENSATING, error=f"step {event.step!r} failed: {event.error}")
     if m.snap.state == SagaState.COMPENSATING:
+        if not event.definite and m.saga.steps[event.step].compensation is not None:
+            # Nothing after it ever ran (it never succeeded), so it is undone first.
+            m.step_to(event.step, StepState.COMPENSATING, bump_attempt=True)
+            m.dispatch(event.step, COMPENSATION)
         m.advance_rollback()
     return None
 

@@ -68,3 +68,11 @@ class BusinessError(StepFailure):
 
 class TransientError(StepFailure):
     """A passing fault (timeout, lock, 503): retried with backoff."""
+
+
+class StepOutcomeUnknown(StepFailure):
+    """Raised by the engine for a step whose failure says nothing about its effect.
+
+    Retries spent or a time limit hit after the effect may have committed: the engine compensates
+    such a step (compensations are idempotent and tolerate a missing effect).
+    """

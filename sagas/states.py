@@ -57,7 +57,9 @@ STEP_TRANSITIONS: dict[StepState, frozenset[StepState]] = {
     # SUCCEEDED -> SKIPPED: rollback reached a step that has no compensation.
     StepState.SUCCEEDED: frozenset({StepState.COMPENSATING, StepState.SKIPPED}),
     # FAILED -> RUNNING: after the pivot a failed step is retried forward.
-    StepState.FAILED: frozenset({StepState.RUNNING}),
+    # FAILED -> COMPENSATING: a failure that says nothing about the effect (retries spent,
+    # time limit, lost worker) may hide a committed effect, so the step is undone too.
+    StepState.FAILED: frozenset({StepState.RUNNING, StepState.COMPENSATING}),
     StepState.COMPENSATING: frozenset(
         {StepState.COMPENSATING, StepState.COMPENSATED, StepState.COMPENSATION_FAILED}
     ),

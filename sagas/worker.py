@@ -18,7 +18,7 @@ from celery.signals import worker_ready
 from sagas.coordinator import ACTION, COMPENSATION, StepFailed, StepRetrying, StepSucceeded
 from sagas.definition import registered_sagas
 from sagas.dispatch import STEP_FAILED_TASK, STEP_SUCCEEDED_TASK
-from sagas.errors import BusinessError
+from sagas.errors import BusinessError, StepOutcomeUnknown
 from sagas.runtime import apply_event, start_saga
 from sagas.settings import get_settings
 
@@ -104,6 +104,10 @@ def _run_step(task: Task, ctx: dict[str, Any], args: tuple[Any, ...]) -> Any:
                 log.warning("saga %s: pivot %s outcome unknown after attempt %d (%s); "
                             "left to recovery", saga_id, ctx["step"], attempt, describe(exc))
                 raise Ignore() from exc
+            if phase == ACTION and not forward and not isinstance(exc, policy.business):
+                # Only a business refusal proves the effect did not happen; anything else may
+                # have struck after the commit, so the failure handler compensates this step.
+                raise StepOutcomeUnknown(describe(exc)) from exc
         raise
     result = normalize_result(result)
     if not ctx.get("inline"):
@@ -137,8 +141,9 @@ def step_failed(
 
 # Failures that say nothing about whether the step's effect happened (see StepFailed.definite).
 _INDEFINITE = frozenset({
-    "WorkerLostError", "TimeLimitExceeded", "Reject", "ConnectionError", "OperationalError",
-    "TimeoutError", "BackendStoreError", "BackendGetMetaError",
+    StepOutcomeUnknown.__name__, "WorkerLostError", "TimeLimitExceeded", "Reject",
+    "ConnectionError", "OperationalError", "TimeoutError", "BackendStoreError",
+    "BackendGetMetaError",
 })
 
 

@@ -63,8 +63,10 @@ class Run:
     def succeed(self, name: str, phase: Phase = ACTION, result: Any = None) -> Decision:
         return self.send(StepSucceeded(name, phase, result))
 
-    def fail(self, name: str, phase: Phase = ACTION, error: str = "boom") -> Decision:
-        return self.send(StepFailed(name, phase, error))
+    def fail(
+        self, name: str, phase: Phase = ACTION, error: str = "boom", *, definite: bool = True
+    ) -> Decision:
+        return self.send(StepFailed(name, phase, error, definite=definite))
 
     def undo(self, name: str) -> Decision:
         return self.succeed(name, COMPENSATION)

@@ -112,7 +112,7 @@ def test_failure_of_step_k_compensates_the_earlier_succeeded_steps_newest_first(
     assert run.dispatched(ACTION) == names[:k]
 
 
-def test_the_failed_step_itself_is_never_compensated():
+def test_a_step_that_refused_for_sure_is_never_compensated():
     run = linear()
     run.start()
     run.succeed("a")
@@ -120,6 +120,31 @@ def test_the_failed_step_itself_is_never_compensated():
     run.undo("a")
     assert run.state == SagaState.COMPENSATED
     assert "b" not in run.dispatched(COMPENSATION)
+
+
+def test_a_step_whose_failure_hides_its_outcome_is_compensated_before_its_parents():
+    run = linear()
+    run.start()
+    run.succeed("a")
+    decision = run.fail("b", error="StepOutcomeUnknown: timeout after commit", definite=False)
+    # Its effect may have committed: undo it first; its parent waits for that.
+    assert decision.dispatches == [Dispatch("b", COMPENSATION, 1)]
+    assert run.step_path("b") == [S.RUNNING, S.FAILED, S.COMPENSATING]
+    assert run.step_state("a") == S.SUCCEEDED
+    assert run.undo("b").dispatches == [Dispatch("a", COMPENSATION, 1)]
+    run.undo("a")
+    assert run.state == SagaState.COMPENSATED
+    assert run.entered(S.COMPENSATED) == ["b", "a"]
+    assert run.step_path("c") == [S.SKIPPED]
+
+
+def test_an_uncertain_failure_of_a_step_without_compensation_just_fails_it():
+    run = Run(make_saga(step("a"), step("b", comp=False), step("c")))
+    run.start()
+    run.succeed("a")
+    run.fail("b", definite=False)
+    assert run.step_state("b") == S.FAILED
+    assert run.dispatched(COMPENSATION) == ["a"]
 
 
 def test_compensation_of_a_step_waits_until_the_step_after_it_is_compensated():

@@ -49,6 +49,8 @@ def test_the_report_summary_is_one_line_with_the_counts():
     "Reject: (OperationalError(...), False)",
     "TimeLimitExceeded: 35.0",
     "failed (error detail unavailable: ConnectionError: refused)",
+    "StepOutcomeUnknown: TransientError: injected transient fault in payment.charge",
+    "StepOutcomeUnknown: SoftTimeLimitExceeded: SoftTimeLimitExceeded()",
 ])
 def test_failures_that_say_nothing_about_the_effect_are_not_definite(error: str):
     assert not _is_definite(error)

@@ -137,7 +137,6 @@ def test_step_lifecycle_moves_are_allowed(current, target):
         (StepState.RUNNING, StepState.SKIPPED),
         (StepState.SUCCEEDED, StepState.RUNNING),
         (StepState.SUCCEEDED, StepState.FAILED),
-        (StepState.FAILED, StepState.COMPENSATING),
         (StepState.FAILED, StepState.SUCCEEDED),
         (StepState.COMPENSATING, StepState.SUCCEEDED),
         (StepState.COMPENSATION_FAILED, StepState.COMPENSATED),
