@@ -58,6 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="idle-latency samples per variant and repetition")
     p.add_argument("--warmup", type=int, default=20, help="untimed sagas per variant first")
     p.add_argument("--concurrency", type=int, default=2, help="prefork processes of the worker")
+    p.add_argument("--in-flight", type=int, default=None, metavar="N",
+                   help="instead: N sagas in flight at once; store size, reconciler plan, "
+                   "worker memory (see sagas.bench_scale)")
     p.add_argument("--database-url", default=None,
                    help="SQLAlchemy URL of the saga store (default: a private SQLite file)")
     p.add_argument("--redis-url", default=None,
@@ -598,6 +601,10 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if any(a == "--in-flight" or a.startswith("--in-flight=") for a in argv):
+        from sagas.bench_scale import main as scale_main
+
+        return scale_main(argv)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

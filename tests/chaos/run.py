@@ -42,7 +42,7 @@ ORDER_STEP_DEADLINE = 30.0  # the order saga's steps have time_limit=30: their s
 @dataclass
 class ChaosConfig:
     sagas: int = int(os.environ.get("CHAOS_SAGAS", "200"))
-    kill_for: float = float(os.environ.get("CHAOS_KILL_SECONDS", "20"))
+    kill_for: float = float(os.environ.get("CHAOS_KILL_SECONDS", "60"))
     kill_every: float = float(os.environ.get("CHAOS_KILL_EVERY", "2"))
     fault_rate: float = float(os.environ.get("CHAOS_FAULT_RATE", "0.05"))
     over_limit: float = 0.3

@@ -1,8 +1,9 @@
 """No saga lost, no effect doubled: the chaos scenario (tests/chaos/run.py) at test-suite size.
 
-CHAOS_SAGAS (default 200) order sagas, CHAOS_KILL_SECONDS (default 20) of SIGKILLs every 2 s,
-Redis restarted empty halfway, FAULT_RATE 0.1 in every participant. ``make chaos`` runs the full
-size (1000 sagas, 60 s of kills) through ``python -m tests.chaos.run``.
+CHAOS_SAGAS (default 200) order sagas submitted over the first 45 s, CHAOS_KILL_SECONDS
+(default 60) of SIGKILLs every 2 s, Redis restarted empty halfway, CHAOS_FAULT_RATE (default
+0.05) transient faults in every participant step and compensation, some after the commit.
+``make chaos`` runs the full size (1000 sagas) through ``python -m tests.chaos.run``.
 """
 
 from __future__ import annotations

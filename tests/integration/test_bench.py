@@ -47,3 +47,24 @@ def test_bench_smoke_reports_figures_and_ratios(tmp_path: Path) -> None:
     assert set(summary["targets"]) == {"throughput", "idle_p50", "failure_throughput"}
     assert doc["machine"]["cores"] and doc["machine"]["database"] == "sqlite"
     assert len(doc["runs"]) == 4
+
+
+def test_in_flight_study_reports_store_growth_the_reconcilers_index_and_worker_memory(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "scale.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("DATABASE_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sagas.cli", "bench", "--in-flight", "80", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert [n for n, _ in doc["store_bytes"]] == [0, 20, 40, 60, 80]
+    sizes = [b for _, b in doc["store_bytes"]]
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0], "every saga adds rows"
+    assert len(doc["bytes_per_saga"]) == 4 and all(b > 0 for b in doc["bytes_per_saga"])
+    assert doc["reconciler_uses_index"], doc["reconciler_plan"]
+    assert doc["rss_mb"][-1][0] == 80, "the worker drained every saga it was given"
+    assert "ix_saga_instances_state_stall" in proc.stdout

@@ -1,0 +1,250 @@
+"""``sagas bench --in-flight N``: what 10,000 sagas in flight cost the store, the reconciler and
+the workers.
+
+The throughput bench says how fast; this says whether anything grows that should not. It starts
+N three-step ``bench`` sagas while no worker serves their queue (so all N are in flight at
+once), measuring the store's size at four checkpoints (linear means a constant number of bytes
+per saga), then shows the plan of the reconciler's stalled-saga query over those N live rows
+(it must use ``ix_saga_instances_state_stall``, not scan), then starts one prefork worker and
+samples its memory (main process plus pool) while it drains all N: flat means no per-saga state
+is kept in the worker. Everything private, as for the throughput bench. It reports; it asserts
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sagas.bench import start_redis, start_worker, stop_group, tree_pids
+
+INDEX = "ix_saga_instances_state_stall"
+
+
+@dataclass
+class ScaleReport:
+    in_flight: int
+    database: str
+    store_bytes: list[tuple[int, int]] = field(default_factory=list)  # (sagas, bytes)
+    start_seconds: float = 0.0
+    reconciler_plan: list[str] = field(default_factory=list)
+    reconciler_uses_index: bool = False
+    reconciler_query_ms: float = 0.0
+    drain_seconds: float = 0.0
+    rss_mb: list[tuple[int, float]] = field(default_factory=list)  # (completed, worker MB)
+    redis_mb_full: float = 0.0
+    redis_mb_drained: float = 0.0
+
+    def bytes_per_saga(self) -> list[float]:
+        """Marginal bytes per saga between checkpoints: equal values mean linear growth."""
+        out = []
+        for (n0, b0), (n1, b1) in zip(self.store_bytes, self.store_bytes[1:], strict=False):
+            out.append((b1 - b0) / max(1, n1 - n0))
+        return out
+
+    def rss_growth(self) -> float:
+        """Worker memory at the end over memory a quarter of the way in (1.0 = flat)."""
+        if len(self.rss_mb) < 2:
+            return 0.0
+        quarter = next((mb for done, mb in self.rss_mb if done >= self.in_flight // 4),
+                       self.rss_mb[0][1])
+        return self.rss_mb[-1][1] / quarter if quarter else 0.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sagas bench --in-flight",
+                                description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--in-flight", type=int, default=10_000, help="sagas in flight at once")
+    p.add_argument("--database-url", default=None, help="default: a private SQLite file")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=1800.0, help="drain limit (s)")
+    p.add_argument("--json", dest="json_path", default=None, help="also write JSON here")
+    return p.parse_args(argv)
+
+
+def store_bytes(engine: Any) -> int:
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            pages = conn.exec_driver_sql("PRAGMA page_count").scalar() or 0
+            free = conn.exec_driver_sql("PRAGMA freelist_count").scalar() or 0
+            size = conn.exec_driver_sql("PRAGMA page_size").scalar() or 0
+            return int((pages - free) * size)
+        return int(conn.execute(text(
+            "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind = 'r' AND n.nspname = current_schema() "
+            "AND c.relname LIKE 'saga%'"
+        )).scalar() or 0)
+
+
+def reconciler_plan(engine: Any) -> tuple[list[str], float]:
+    """EXPLAIN of the reconciler's own query, compiled with its real parameters."""
+    from sagas.recovery import stalled_sagas
+
+    captured: list[tuple[str, Any]] = []
+    from sqlalchemy import event
+
+    def grab(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        captured.append((statement, params))
+
+    now = datetime.now(UTC)
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("ANALYZE saga_instances")
+            conn.commit()
+        event.listen(engine, "before_cursor_execute", grab)
+        try:
+            began = time.perf_counter()
+            stalled_sagas(conn, now, 500)
+            took_ms = (time.perf_counter() - began) * 1000
+        finally:
+            event.remove(engine, "before_cursor_execute", grab)
+        statement, params = captured[-1]
+        prefix = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+        rows = conn.exec_driver_sql(prefix + statement, params).all()
+    if engine.dialect.name == "sqlite":
+        return [str(r[-1]) for r in rows], took_ms
+    return [str(r[0]) for r in rows], took_ms
+
+
+def rss_mb(root_pid: int) -> float:
+    total_kb = 0
+    for pid in tree_pids(root_pid):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
+def run(args: argparse.Namespace, workdir: Path, say: Any) -> ScaleReport:
+    import redis
+    from sqlalchemy import func, select
+
+    from sagas.bench import _point_here
+    from sagas.models import SagaRow
+
+    redis_proc = worker = None
+    try:
+        redis_proc, redis_url = start_redis(workdir)
+        database_url = args.database_url or f"sqlite:///{workdir}/scale.db"
+        _point_here(redis_url, database_url, workdir)
+        from sagas.bench_tasks import bench_saga
+        from sagas.migrate import upgrade
+        from sagas.runtime import get_store, start_saga
+
+        upgrade()
+        store = get_store()
+        engine = store.engine
+        report = ScaleReport(args.in_flight, engine.dialect.name)
+        n = args.in_flight
+        checkpoints = {n // 4, n // 2, 3 * n // 4, n}
+        report.store_bytes.append((0, store_bytes(engine)))
+        say(f"starting {n} sagas with no worker serving their queue")
+        began = time.monotonic()
+        for i in range(1, n + 1):
+            start_saga(bench_saga, {"key": f"scale-{i}"})
+            if i in checkpoints:
+                report.store_bytes.append((i, store_bytes(engine)))
+                say(f"  {i} in flight, store {report.store_bytes[-1][1] / 1e6:.1f} MB")
+        report.start_seconds = time.monotonic() - began
+        client = redis.Redis.from_url(redis_url)
+        report.redis_mb_full = client.info("memory")["used_memory"] / 1e6
+        report.reconciler_plan, report.reconciler_query_ms = reconciler_plan(engine)
+        report.reconciler_uses_index = any(INDEX in line for line in report.reconciler_plan)
+
+        env = dict(os.environ)
+        env.pop("SAGAS_BENCH_DIR", None)  # no per-task measurement hooks: memory only
+        env.pop("SAGAS_IMPORTS", None)
+        worker = start_worker(env, args.concurrency, workdir / "worker.log")
+        say(f"draining {n} sagas through one worker (concurrency {args.concurrency})")
+        completed_q = select(func.count()).select_from(SagaRow).where(
+            SagaRow.state == "COMPLETED")
+        began = time.monotonic()
+        next_sample = 0.0
+        while True:
+            now = time.monotonic()
+            if now - began > args.timeout:
+                raise RuntimeError(f"not drained in {args.timeout:.0f}s")
+            if worker.poll() is not None:
+                raise RuntimeError("the worker exited; see " + str(workdir / "worker.log"))
+            if now >= next_sample:
+                with engine.connect() as conn:
+                    done = int(conn.execute(completed_q).scalar() or 0)
+                report.rss_mb.append((done, rss_mb(worker.pid)))
+                next_sample = now + 1.0
+                if done >= n:
+                    break
+            time.sleep(0.1)
+        report.drain_seconds = time.monotonic() - began
+        report.redis_mb_drained = client.info("memory")["used_memory"] / 1e6
+        return report
+    finally:
+        stop_group(worker)
+        stop_group(redis_proc)
+
+
+def render(report: ScaleReport, console: Any) -> None:
+    from rich.table import Table
+
+    sizes = Table("sagas in flight", "store MB", "bytes/saga since previous",
+                  title=f"store size ({report.database})")
+    marginal = [None, *report.bytes_per_saga()]
+    for (count, size), per in zip(report.store_bytes, marginal, strict=False):
+        sizes.add_row(str(count), f"{size / 1e6:.2f}", "-" if per is None else f"{per:.0f}")
+    console.print(sizes)
+    console.print(f"started {report.in_flight} sagas in {report.start_seconds:.1f}s; Redis "
+                  f"{report.redis_mb_full:.1f} MB with all queued, "
+                  f"{report.redis_mb_drained:.1f} MB drained")
+    console.print(f"reconciler query over {report.in_flight} live sagas "
+                  f"({report.reconciler_query_ms:.2f} ms), plan:", highlight=False)
+    for line in report.reconciler_plan:
+        console.print(f"    {line}", markup=False, highlight=False)
+    verdict = "uses" if report.reconciler_uses_index else "does NOT use"
+    console.print(f"  -> {verdict} {INDEX}", highlight=False)
+    memory = Table("completed", "worker RSS MB (main + pool)", title="worker memory while draining")
+    step = max(1, len(report.rss_mb) // 8)
+    for done, mb in [*report.rss_mb[::step], report.rss_mb[-1]]:
+        memory.add_row(str(done), f"{mb:.1f}")
+    console.print(memory)
+    console.print(f"drained in {report.drain_seconds:.1f}s; worker RSS end / quarter-way "
+                  f"{report.rss_growth():.3f}x")
+
+
+def main(argv: list[str]) -> int:
+    from rich.console import Console
+
+    args = parse_args(argv)
+    console, err = Console(), Console(stderr=True)
+    workdir = Path(tempfile.mkdtemp(prefix="sagas-scale-"))
+    try:
+        report = run(args, workdir, lambda m: err.print(m, highlight=False))
+    except (RuntimeError, OSError) as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        err.print(f"logs kept in {workdir}", markup=False, highlight=False)
+        return 1
+    render(report, console)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(
+            asdict(report) | {"bytes_per_saga": report.bytes_per_saga(),
+                              "rss_growth": report.rss_growth()}, indent=2) + "\n")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
