@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from kombu import Connection, Exchange, Queue
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from sagas import outbox, start_saga
 from sagas.coordinator import Decision, SagaSnapshot, StepSnapshot, Transition
@@ -218,6 +218,11 @@ def test_killing_a_relay_mid_batch_loses_no_event(
         wait_for_saga(saga_id)
     expected = {r.event_id for r in outbox_of(saga_ids)}
     assert len(expected) == 5 * 6
+    # Earlier tests' events are not this test's: settle them so both relays work on ours only.
+    with get_store().begin() as conn:
+        conn.execute(update(outbox.outbox_t).where(
+            outbox.outbox_t.c.event_id.not_in(expected),
+            outbox.outbox_t.c.status == outbox.PENDING).values(status=outbox.SENT))
 
     log = tmp_path / "relay.log"
     first = start_relay(engine_backend.env, log, "--batch", "10", "--throttle", "0.2",
@@ -234,7 +239,7 @@ def test_killing_a_relay_mid_batch_loses_no_event(
     with get_store().read() as conn:
         unmarked = set(conn.execute(
             select(outbox.outbox_t.c.event_id).where(
-                outbox.outbox_t.c.event_id.in_(published_before_kill),
+                outbox.outbox_t.c.event_id.in_(published_before_kill & expected),
                 outbox.outbox_t.c.status == outbox.PENDING)
         ).scalars())
     assert unmarked, "the kill did not land mid-batch: every published row was marked sent"
@@ -253,4 +258,7 @@ def test_killing_a_relay_mid_batch_loses_no_event(
         second.wait(10)
     received = [m["id"] for m in consumer.drain(0.5)]
     assert expected <= set(received), f"lost: {expected - set(received)}"
-    assert all(received.count(i) >= 2 for i in unmarked), "the killed batch is sent again"
+    once = sorted(i for i in unmarked if received.count(i) < 2)
+    assert not once, (f"the killed batch is sent again; sent once only: {once} of "
+                      f"{len(unmarked)} unmarked; rows: {outbox_of(saga_ids)}; relay log:\n"
+                      f"{log.read_text()}")
