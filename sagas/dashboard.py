@@ -220,7 +220,7 @@ function el(tag,attrs,...kids){const e=document.createElement(tag);
 function badge(state){const b=el("span",{class:"badge","data-state":state,text:state});
  b.style.background=`var(--${state})`;return b;}
 function when(iso){return iso?new Date(iso).toLocaleTimeString([],{hour12:false,
- fractionalSecondDigits:3}):"";}
+ hour:"2-digit",minute:"2-digit",second:"2-digit",fractionalSecondDigits:3}):"";}
 async function getJSON(url){const r=await fetch(url,{cache:"no-store"});
  if(!r.ok)throw new Error(`${r.status} ${url}`);return r.json();}
 """

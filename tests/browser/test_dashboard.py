@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -156,6 +157,11 @@ def test_a_compensated_sagas_timeline_shows_compensations_newest_first(
     assert [r[0] for r in rows if r[1] == "compensation"] == ["c", "b", "a"]
     assert ["d", "action", "failed"] in rows
     assert all(o == "compensated" for _, p, o in rows if p == "compensation")
+    times = js(browser, """return [...document.querySelectorAll('#timeline tr')]
+        .map(r => [r.cells[3].textContent, r.cells[4].textContent])""")
+    clock = re.compile(r"^\d{2}:\d{2}:\d{2}[.,]\d{3}$")
+    assert all(clock.match(start) and clock.match(end) for start, end in times), times
+    assert [start for start, _ in times] == sorted(start for start, _ in times)
     links = js(browser, "return [...document.querySelectorAll('#timeline a')].map(a => a.href)")
     assert f"/task/{saga_id}.c.undo.1" in " ".join(links), "links to each task in Flower"
     graph = js(browser, """return Object.fromEntries([...document.querySelectorAll(
