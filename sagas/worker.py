@@ -158,6 +158,11 @@ def _failure_of(task: Task, task_id: str) -> str:
         meta = task.app.backend.get_task_meta(task_id)
     except Exception as exc:  # the backend may be gone; the failure itself is not in doubt
         return f"failed (error detail unavailable: {describe(exc)})"
+    status = meta.get("status")
+    if status != "FAILURE":
+        # Celery publishes a retry before it stores RETRY, so a slow RETRY store can overwrite
+        # the final attempt's FAILURE: the stored exception is then an earlier attempt's.
+        return f"failed (backend shows {status}, not the final error)"
     result = meta.get("result")
     if isinstance(result, BaseException):
         return describe(result)

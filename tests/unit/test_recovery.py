@@ -49,6 +49,7 @@ def test_the_report_summary_is_one_line_with_the_counts():
     "Reject: (OperationalError(...), False)",
     "TimeLimitExceeded: 35.0",
     "failed (error detail unavailable: ConnectionError: refused)",
+    "failed (backend shows RETRY, not the final error)",
     "StepOutcomeUnknown: TransientError: injected transient fault in payment.charge",
     "StepOutcomeUnknown: SoftTimeLimitExceeded: SoftTimeLimitExceeded()",
 ])
