@@ -242,7 +242,7 @@ def bench(ctx: typer.Context) -> None:
 @cli.command("relay", context_settings=_PASS_THROUGH)
 @operator_errors
 def relay(ctx: typer.Context) -> None:
-    """Publish outbox events to the ``sagas.events`` exchange (see sagas.outbox)."""
+    """Publish outbox events to the sagas.events exchange (see sagas.outbox)."""
     from sagas.outbox import main as outbox_main
 
     raise typer.Exit(outbox_main(["relay", *ctx.args]) or 0)

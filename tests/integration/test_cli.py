@@ -177,3 +177,28 @@ def test_with_redis_unreachable_retry_says_so_in_one_line_and_a_later_retry_goes
 
 def undo_calls(saga_id: str) -> int:
     return int(ts.ledger().get(f"calls:{saga_id}:a:compensation") or 0)
+
+
+def test_relay_once_publishes_a_sagas_pending_events_and_marks_them_sent(
+    engine_backend: Backend,
+):
+    from sqlalchemy import select
+
+    from sagas import outbox
+
+    saga_id = start_saga(ts.linear, {})
+    wait_for_saga(saga_id)
+
+    def statuses() -> list[str]:
+        with get_store().read() as conn:
+            return list(conn.execute(select(outbox.outbox_t.c.status).where(
+                outbox.outbox_t.c.saga_id == saga_id)).scalars())
+
+    assert statuses() and set(statuses()) <= {"pending", "sent"}
+    # One batch per run; rows of earlier tests may come first.
+    for _ in range(50):
+        if set(statuses()) == {"sent"}:
+            break
+        ran = sagas(engine_backend.env, "relay", "--once", "--batch", "500")
+        assert ran.returncode == 0, ran.stderr
+    assert set(statuses()) == {"sent"}
