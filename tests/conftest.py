@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,30 +80,44 @@ def _migrate() -> None:
     upgrade()
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[Backend]:
-    """A migrated database of each kind with a real worker serving every queue."""
+@contextmanager
+def fresh_database(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated database of ``kind`` this process points at; PostgreSQL's is dropped after.
+
+    PostgreSQL skips when unreachable, and fails the run under CI=true.
+    """
     pg_name = None
-    if request.param == "postgresql":
+    if kind == "postgresql":
         require_service(postgres_reachable(), "PostgreSQL at 127.0.0.1:5432")
         pg_name, url = create_pg_database()
     else:
         url = f"sqlite:///{tmp_path_factory.mktemp('sqlite')}/sagas.db"
     use_database(url)
     _migrate()
-    log_dir = tmp_path_factory.mktemp(f"logs-{request.param}")
-    worker = WorkerProcess(_worker_env(url), concurrency=4, name=request.param,
-                           log_dir=log_dir).start()
-    worker.wait_ready()
-    yield Backend(request.param, url, _worker_env(url), [worker], log_dir)
-    worker.stop()
-    if pg_name:
+    try:
+        yield url
+    finally:
         from sagas.store import _engines
 
         for key in [k for k in _engines if k[1] == url]:
             _engines.pop(key).dispose()
-        drop_pg_database(pg_name)
+        if pg_name:
+            drop_pg_database(pg_name)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Backend]:
+    """A migrated database of each kind with a real worker serving every queue."""
+    with fresh_database(request.param, tmp_path_factory) as url:
+        log_dir = tmp_path_factory.mktemp(f"logs-{request.param}")
+        worker = WorkerProcess(_worker_env(url), concurrency=4, name=request.param,
+                               log_dir=log_dir).start()
+        try:
+            worker.wait_ready()
+            yield Backend(request.param, url, _worker_env(url), [worker], log_dir)
+        finally:
+            worker.stop()
 
 
 @pytest.fixture

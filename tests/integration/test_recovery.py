@@ -29,13 +29,7 @@ from sagas.runtime import apply_event, get_store, start_saga
 from sagas.store import sagas_t, utcnow
 from tests.chaos import crash_sagas as cs
 from tests.chaos.cluster import Cluster
-from tests.conftest import use_database
-from tests.support.services import (
-    create_pg_database,
-    drop_pg_database,
-    postgres_reachable,
-    require_service,
-)
+from tests.conftest import fresh_database, use_database
 
 pytestmark = pytest.mark.integration
 
@@ -50,24 +44,8 @@ REDRIVE_BOUND = STEP_TIMEOUT + RECOVERY_INTERVAL + 4.0
 def recovery_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[str]:
     previous = os.environ.get("DATABASE_URL")
-    pg_name = None
-    if request.param == "postgresql":
-        require_service(postgres_reachable(), "PostgreSQL at 127.0.0.1:5432")
-        pg_name, url = create_pg_database()
-    else:
-        url = f"sqlite:///{tmp_path_factory.mktemp('recovery')}/sagas.db"
-    use_database(url)
-    import tasks  # noqa: F401 - registers the order domain's migrations
-    from sagas.migrate import upgrade
-
-    upgrade()
-    yield url
-    from sagas.store import _engines
-
-    for key in [k for k in _engines if k[1] == url]:
-        _engines.pop(key).dispose()
-    if pg_name:
-        drop_pg_database(pg_name)
+    with fresh_database(request.param, tmp_path_factory) as url:
+        yield url
     if previous is not None:
         use_database(previous)
 
