@@ -49,6 +49,8 @@ from sqlalchemy import (
 
 from sagas.listeners import get_observability_settings
 from sagas.models import Base, Id, db_now
+from sagas.prepared import PreparedSet
+from sagas.prepared import execute as run_prepared
 
 log = logging.getLogger("sagas.outbox")
 
@@ -82,6 +84,9 @@ def _define_table() -> Table:
 
 outbox_t = _define_table()
 _INSERT = insert(outbox_t)  # built once: the per-transition path only binds rows
+_OUTBOX_COLUMNS = ("event_id", "saga_id", "saga", "event", "routing_key", "payload", "status",
+                   "attempts")
+_HOT = PreparedSet({"insert": (_INSERT, _OUTBOX_COLUMNS)})
 
 _SAGA_EVENTS = {
     "COMPLETED": "saga.completed",
@@ -144,7 +149,7 @@ def insert_outbox(conn: Connection, snap: Any, decision: Any) -> None:
         return
     rows = outbox_rows(snap, decision)
     if rows:
-        conn.execute(_INSERT, rows)
+        run_prepared(conn, _HOT.get(conn, "insert"), rows)
 
 
 # --- the relay -------------------------------------------------------------------------------

@@ -70,7 +70,8 @@ def start_saga(
     # (a collision would still fail the primary key and take the IntegrityError path below).
     fresh = saga_id is None and idempotency_key is None
     saga_id = saga_id or str(uuid.uuid4())
-    digest = input_digest(payload)
+    # The digest only serves to refuse a reused idempotency key with another payload.
+    digest = input_digest(payload) if idempotency_key is not None else None
     snap = SagaSnapshot(
         id=saga_id, name=definition.name, state=SagaState.PENDING, input=payload,
         steps={n: StepSnapshot(n) for n in definition.order},
