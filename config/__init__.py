@@ -1,5 +1,5 @@
-"""The application: ``celery -A config worker`` finds ``config.app``."""
+"""The sample application: ``celery -A config worker`` finds ``config.app``; ``config.engine``."""
 
-from config.celery_app import app
+from config.celery_app import app, engine
 
-__all__ = ["app"]
+__all__ = ["app", "engine"]

@@ -1,4 +1,8 @@
-"""The Celery app: JSON only, late acks, one message at a time per worker process."""
+"""The sample's Celery app and its saga engine: ``celery -A config worker`` finds ``config.app``.
+
+JSON only, late acks, one message at a time per worker process. The engine is bound with the
+one public call every Celery shop uses: ``Sagas(app, settings)``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from celery import Celery
 
 from config import queues
 from config.settings import get_app_settings
-from sagas.recovery import beat_schedule as recovery_beat_schedule
+from sagas import Sagas
 
 settings = get_app_settings()
 
@@ -14,9 +18,7 @@ app = Celery(
     "sagas",
     broker=settings.redis_url,
     backend=settings.redis_url,
-    include=["sagas.worker", "tasks.inventory", "tasks.payment", "tasks.shipping",
-             "tasks.order_saga", "sagas.bench_tasks", "sagas.recovery"],
-    task_cls="sagas.worker:SagaTask",
+    include=["tasks.inventory", "tasks.payment", "tasks.shipping", "tasks.order_saga"],
 )
 app.conf.update(
     task_serializer="json",
@@ -40,12 +42,12 @@ app.conf.update(
     task_retry_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     broker_transport_options={"visibility_timeout": 3600},
-    # The reconciler (sagas.recovery) every RECOVERY_INTERVAL seconds: `celery -A config beat`.
-    beat_schedule=recovery_beat_schedule(),
     result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     timezone="UTC",
     imports=[m.strip() for m in settings.sagas_imports.split(",") if m.strip()],
 )
-app.set_default()
+
+# The engine's tasks, the step wrapper, and the reconciler in beat (`celery -A config beat`).
+engine = Sagas(app, settings)

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-import tasks  # noqa: F401 - registers the order saga and its migrations
+import tasks  # noqa: F401 - registers the order saga
 from config.celery_app import app as celery_app
+from config.celery_app import engine
 from config.settings import Settings, get_app_settings
-from sagas import dashboard, metrics
-from sagas.api import AdminAuth, BodySizeLimit, install_error_handlers, saga_router
+from sagas.ops import dashboard
+from sagas.ops.api import (
+    AdminAuth,
+    BodySizeLimit,
+    install_error_handlers,
+    metrics_router,
+    saga_router,
+)
 from tasks.web import orders_router
 
 
@@ -41,10 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=lambda: current().max_body_bytes)
-    app.include_router(saga_router(celery_app, auth))
+    app.include_router(saga_router(engine, auth))
     app.include_router(orders_router(auth))
-    app.include_router(dashboard.router)
-    app.include_router(metrics.router)
+    dashboard.install(app, engine)
+    app.include_router(metrics_router(engine))
     return app
 
 

@@ -1,10 +1,12 @@
 """sagas: distributed transactions as task-graph sagas on Celery.
 
-The public API is what this module exports; everything else is internal.
+The public API is what this module exports (pinned by ``tests/unit/test_public_api.py``);
+everything else is internal. Start with ``Sagas(app, settings)``.
 """
 
-from sagas.context import StepContext
-from sagas.definition import RetryPolicy, Saga, Step, get_saga, registered_sagas
+from sagas.coordinator import Decision, Ignored, IgnoreKind
+from sagas.definition import RetryPolicy, Saga, Step
+from sagas.engine import AuditCheck, Sagas
 from sagas.errors import (
     BusinessError,
     CompensationAfterPivotError,
@@ -17,41 +19,61 @@ from sagas.errors import (
     SagaError,
     SagaNotFoundError,
     SagaStateError,
+    SagaTimeoutError,
     StepOutcomeUnknown,
     StoreUnavailableError,
     TransientError,
     UnknownDependencyError,
     UnknownSagaError,
 )
-from sagas.runtime import apply_event, get_store, start_saga
+from sagas.observe.listeners import (
+    SagaListener,
+    StepAttempt,
+    TransitionEvent,
+    register as register_listener,
+    unregister as unregister_listener,
+)
+from sagas.runtime.handle import SagaHandle, SagaOutcome, StepOutcome
+from sagas.runtime.message import StepContext
+from sagas.settings import SagaSettings
 from sagas.states import SagaState, StepState
 
 __all__ = [
+    "AuditCheck",
     "BusinessError",
     "CompensationAfterPivotError",
     "CycleError",
+    "Decision",
     "DefinitionError",
     "DuplicateStepError",
     "IdempotencyConflictError",
+    "IgnoreKind",
+    "Ignored",
     "InvalidSagaInputError",
     "InvalidTransitionError",
     "RetryPolicy",
     "Saga",
     "SagaError",
+    "SagaHandle",
+    "SagaListener",
     "SagaNotFoundError",
+    "SagaOutcome",
+    "SagaSettings",
     "SagaState",
     "SagaStateError",
+    "SagaTimeoutError",
+    "Sagas",
     "Step",
+    "StepAttempt",
     "StepContext",
+    "StepOutcome",
     "StepOutcomeUnknown",
     "StepState",
     "StoreUnavailableError",
     "TransientError",
+    "TransitionEvent",
     "UnknownDependencyError",
     "UnknownSagaError",
-    "apply_event",
-    "get_saga",
-    "get_store",
-    "registered_sagas",
-    "start_saga",
+    "register_listener",
+    "unregister_listener",
 ]

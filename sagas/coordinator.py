@@ -8,7 +8,9 @@ Because the input is the durable state, a duplicate or late callback finds nothi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 from sagas.definition import Saga
@@ -131,13 +133,41 @@ Event = (
 )
 
 
+class IgnoreKind(StrEnum):
+    """Why an event changed nothing: callers branch on the kind, never on the text."""
+
+    UNKNOWN_SAGA = "unknown_saga"
+    UNKNOWN_STEP = "unknown_step"
+    ALREADY_STARTED = "already_started"
+    NOT_IN_FLIGHT = "not_in_flight"  # a late or duplicate callback: the step moved on
+    ALREADY_RECORDED = "already_recorded"  # this retry attempt is recorded already
+    PIVOT_OUTCOME_UNKNOWN = "pivot_outcome_unknown"
+    ALREADY_COMPENSATING = "already_compensating"
+    NOTHING_TO_REDRIVE = "nothing_to_redrive"
+    SETTLED = "settled"
+    PAST_PIVOT = "past_pivot"  # the saga can only go forward
+    PIVOT_IN_FLIGHT = "pivot_in_flight"
+    PRECONDITION = "precondition"  # the caller's own check under the row lock refused it
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A typed reason an event was ignored, with a sentence for people."""
+
+    kind: IgnoreKind
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
 @dataclass
 class Decision:
     transitions: list[Transition] = field(default_factory=list)
     dispatches: list[Dispatch] = field(default_factory=list)
     changed_steps: set[str] = field(default_factory=set)
     saga_changed: bool = False
-    ignored: str | None = None
+    ignored: Ignored | None = None
 
     @property
     def changed(self) -> bool:
@@ -249,6 +279,10 @@ class _Machine:
         return pivot is not None and self.snap.steps[pivot].state == StepState.SUCCEEDED
 
 
+def _not_running(step: str, state: StepState) -> Ignored:
+    return Ignored(IgnoreKind.NOT_IN_FLIGHT, f"step {step!r} is {state}, not RUNNING")
+
+
 def decide(saga: Saga, snap: SagaSnapshot, event: Event) -> Decision:
     """Mutates ``snap`` into the next state and says what to record and publish."""
     m = _Machine(saga, snap)
@@ -259,21 +293,21 @@ def decide(saga: Saga, snap: SagaSnapshot, event: Event) -> Decision:
     return m.out
 
 
-def _on_started(m: _Machine, event: Started) -> str | None:
+def _on_started(m: _Machine, event: Started) -> Ignored | None:
     if m.snap.state != SagaState.PENDING:
-        return f"saga already {m.snap.state}"
+        return Ignored(IgnoreKind.ALREADY_STARTED, f"saga already {m.snap.state}")
     m.saga_to(SagaState.RUNNING)
     m.run_ready_steps()
     return None
 
 
-def _on_succeeded(m: _Machine, event: StepSucceeded) -> str | None:
+def _on_succeeded(m: _Machine, event: StepSucceeded) -> Ignored | None:
     step = m.snap.steps.get(event.step)
     if step is None:
-        return f"unknown step {event.step!r}"
+        return Ignored(IgnoreKind.UNKNOWN_STEP, f"unknown step {event.step!r}")
     if event.phase == ACTION:
         if step.state != StepState.RUNNING:
-            return f"step {event.step!r} is {step.state}, not RUNNING"
+            return _not_running(event.step, step.state)
         m.step_to(event.step, StepState.SUCCEEDED, result=event.result)
         if m.snap.state == SagaState.RUNNING:
             m.run_ready_steps()
@@ -281,28 +315,35 @@ def _on_succeeded(m: _Machine, event: StepSucceeded) -> str | None:
             m.advance_rollback()
         return None
     if step.state != StepState.COMPENSATING:
-        return f"step {event.step!r} is {step.state}, not COMPENSATING"
+        return Ignored(
+            IgnoreKind.NOT_IN_FLIGHT, f"step {event.step!r} is {step.state}, not COMPENSATING"
+        )
     m.step_to(event.step, StepState.COMPENSATED)
     if m.snap.state == SagaState.COMPENSATING:
         m.advance_rollback()
     return None
 
 
-def _on_failed(m: _Machine, event: StepFailed) -> str | None:
+def _on_failed(m: _Machine, event: StepFailed) -> Ignored | None:
     step = m.snap.steps.get(event.step)
     if step is None:
-        return f"unknown step {event.step!r}"
+        return Ignored(IgnoreKind.UNKNOWN_STEP, f"unknown step {event.step!r}")
     if event.phase == COMPENSATION:
         if step.state != StepState.COMPENSATING:
-            return f"step {event.step!r} is {step.state}, not COMPENSATING"
+            return Ignored(
+            IgnoreKind.NOT_IN_FLIGHT, f"step {event.step!r} is {step.state}, not COMPENSATING"
+        )
         m.step_to(event.step, StepState.COMPENSATION_FAILED, error=event.error)
         if m.snap.state == SagaState.COMPENSATING:
             m.advance_rollback()
         return None
     if step.state != StepState.RUNNING:
-        return f"step {event.step!r} is {step.state}, not RUNNING"
+        return _not_running(event.step, step.state)
     if not event.definite and event.step == m.saga.pivot:
-        return f"pivot step {event.step!r} outcome unknown ({event.error}); recovery re-drives it"
+        return Ignored(
+            IgnoreKind.PIVOT_OUTCOME_UNKNOWN,
+            f"pivot step {event.step!r} outcome unknown ({event.error}); recovery re-drives it",
+        )
     if m.snap.state == SagaState.RUNNING and m.pivot_passed():
         # Past the point of no return: the saga can only go forward.
         m.step_to(event.step, StepState.FAILED, error=event.error)
@@ -322,15 +363,20 @@ def _on_failed(m: _Machine, event: StepFailed) -> str | None:
     return None
 
 
-def _on_retrying(m: _Machine, event: StepRetrying) -> str | None:
+def _on_retrying(m: _Machine, event: StepRetrying) -> Ignored | None:
     step = m.snap.steps.get(event.step)
     if step is None:
-        return f"unknown step {event.step!r}"
+        return Ignored(IgnoreKind.UNKNOWN_STEP, f"unknown step {event.step!r}")
     expected = StepState.RUNNING if event.phase == ACTION else StepState.COMPENSATING
     if step.state != expected:
-        return f"step {event.step!r} is {step.state}, not {expected}"
+        return Ignored(
+            IgnoreKind.NOT_IN_FLIGHT, f"step {event.step!r} is {step.state}, not {expected}"
+        )
     if step.attempt_of(event.phase) >= event.attempt:
-        return f"attempt {event.attempt} of {event.step!r} already recorded"
+        return Ignored(
+            IgnoreKind.ALREADY_RECORDED,
+            f"attempt {event.attempt} of {event.step!r} already recorded",
+        )
     if event.phase == COMPENSATION:
         step.compensation_attempts = event.attempt - 1
     else:
@@ -339,9 +385,9 @@ def _on_retrying(m: _Machine, event: StepRetrying) -> str | None:
     return None
 
 
-def _on_cancel(m: _Machine, event: CancelRequested) -> str | None:
+def _on_cancel(m: _Machine, event: CancelRequested) -> Ignored | None:
     if m.snap.state == SagaState.COMPENSATING:
-        return "saga is already compensating"
+        return Ignored(IgnoreKind.ALREADY_COMPENSATING, "saga is already compensating")
     if m.snap.state not in (SagaState.PENDING, SagaState.RUNNING):
         raise SagaStateError(f"saga {m.snap.id} is {m.snap.state}; only a running saga cancels")
     if m.pivot_passed():
@@ -353,7 +399,7 @@ def _on_cancel(m: _Machine, event: CancelRequested) -> str | None:
     return None
 
 
-def _on_retry(m: _Machine, event: RetryRequested) -> str | None:
+def _on_retry(m: _Machine, event: RetryRequested) -> Ignored | None:
     if m.snap.state == SagaState.COMPENSATION_FAILED:
         m.saga_to(SagaState.COMPENSATING)
         for name in reversed(m.saga.order):
@@ -367,7 +413,7 @@ def _on_retry(m: _Machine, event: RetryRequested) -> str | None:
     raise SagaStateError(f"saga {m.snap.id} is {m.snap.state}; there is nothing to retry")
 
 
-def _on_redrive(m: _Machine, event: Redrive) -> str | None:
+def _on_redrive(m: _Machine, event: Redrive) -> Ignored | None:
     if m.snap.state == SagaState.PENDING:
         return _on_started(m, Started())
     wanted = set(event.steps) or set(m.snap.steps)
@@ -398,25 +444,30 @@ def _on_redrive(m: _Machine, event: Redrive) -> str | None:
     elif m.snap.state == SagaState.COMPENSATING:
         m.advance_rollback()
     if not m.out.transitions:
-        return "nothing to re-drive"
+        return Ignored(IgnoreKind.NOTHING_TO_REDRIVE, "nothing to re-drive")
     return None
 
 
-def _on_deadline(m: _Machine, event: DeadlinePassed) -> str | None:
+def _on_deadline(m: _Machine, event: DeadlinePassed) -> Ignored | None:
     if m.snap.state not in (SagaState.PENDING, SagaState.RUNNING):
-        return f"saga already {m.snap.state}"
+        return Ignored(IgnoreKind.SETTLED, f"saga already {m.snap.state}")
     if m.pivot_passed():
-        return f"saga passed its pivot step {m.saga.pivot!r}; it can only go forward"
+        return Ignored(
+            IgnoreKind.PAST_PIVOT,
+            f"saga passed its pivot step {m.saga.pivot!r}; it can only go forward",
+        )
     pivot = m.saga.pivot
     if pivot is not None and m.snap.steps[pivot].state == StepState.RUNNING:
         # The pivot's effect may already exist; compensating now could strand it.
-        return f"pivot step {pivot!r} is in flight; its outcome decides"
+        return Ignored(
+            IgnoreKind.PIVOT_IN_FLIGHT, f"pivot step {pivot!r} is in flight; its outcome decides"
+        )
     m.saga_to(SagaState.COMPENSATING, error=event.reason)
     m.advance_rollback()
     return None
 
 
-_HANDLERS: dict[type, Any] = {
+_HANDLERS: dict[type, Callable[[_Machine, Any], Ignored | None]] = {
     Started: _on_started,
     StepSucceeded: _on_succeeded,
     StepFailed: _on_failed,

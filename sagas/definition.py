@@ -17,7 +17,6 @@ from sagas.errors import (
     DuplicateStepError,
     InvalidSagaInputError,
     UnknownDependencyError,
-    UnknownSagaError,
 )
 
 DEFAULT_QUEUE = "saga"
@@ -89,7 +88,7 @@ class Step:
 
 
 class Saga:
-    """An immutable, validated saga graph; defining one registers it by name."""
+    """An immutable, validated saga graph; ``Sagas.register`` makes an engine run it."""
 
     def __init__(
         self,
@@ -98,7 +97,6 @@ class Saga:
         *,
         input_model: type[BaseModel] | None = None,
         deadline: float | None = None,
-        register: bool = True,
     ) -> None:
         if not name:
             raise DefinitionError("a saga needs a name")
@@ -150,8 +148,6 @@ class Saga:
                     f"saga {name!r}: step {step_name!r} comes after the pivot {self.pivot!r} "
                     "and declares a compensation, which could never run"
                 )
-        if register:
-            _REGISTRY[name] = self
 
     # --- graph ---------------------------------------------------------------
     def _topological_order(self) -> tuple[str, ...]:
@@ -247,20 +243,3 @@ def _format_validation(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
         parts.append(f"{loc}: {err['msg']}")
     return "; ".join(parts)
-
-
-_REGISTRY: dict[str, Saga] = {}
-
-
-def get_saga(name: str) -> Saga:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownSagaError(
-            f"no saga named {name!r} is defined in this process "
-            f"(known: {sorted(_REGISTRY) or 'none'})"
-        ) from None
-
-
-def registered_sagas() -> dict[str, Saga]:
-    return dict(_REGISTRY)

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
+
+import redis.exceptions
+import sqlalchemy.exc
+from kombu.exceptions import OperationalError as KombuOperationalError
+
 
 class SagaError(Exception):
     """Root of every error raised by the saga engine."""
@@ -54,7 +61,11 @@ class SagaStateError(SagaError):
 
 
 class StoreUnavailableError(SagaError):
-    """The database or Redis cannot be reached."""
+    """The saga store's database cannot be reached."""
+
+
+class SagaTimeoutError(SagaError, TimeoutError):
+    """``SagaHandle.wait`` gave up before the saga settled; the saga itself goes on."""
 
 
 # --- raised by participants ------------------------------------------------
@@ -76,3 +87,36 @@ class StepOutcomeUnknown(StepFailure):
     Retries spent or a time limit hit after the effect may have committed: the engine compensates
     such a step (compensations are idempotent and tolerate a missing effect).
     """
+
+
+# --- outages ---------------------------------------------------------------
+class OutageKind(StrEnum):
+    DATABASE = "database"
+    BROKER = "broker"
+
+
+@dataclass(frozen=True)
+class Outage:
+    """A server that cannot be reached, with the driver's first line for people."""
+
+    kind: OutageKind
+    message: str
+
+
+def outage_of(exc: BaseException) -> Outage | None:
+    """The one classifier of "a server is down" used by the CLI, the API and recovery."""
+    if isinstance(exc, StoreUnavailableError):
+        return Outage(OutageKind.DATABASE, _first_line(exc))
+    if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+        return Outage(OutageKind.DATABASE, _first_line(exc.orig or exc))
+    if isinstance(
+        exc, KombuOperationalError | redis.exceptions.ConnectionError
+        | redis.exceptions.TimeoutError | ConnectionError
+    ):
+        return Outage(OutageKind.BROKER, _first_line(exc))
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,32 +1,73 @@
-"""Engine settings, read from the environment (pydantic-settings)."""
+"""Engine settings: one object given to ``Sagas(app, settings)``.
+
+Defaults come from the environment (``DATABASE_URL``, ``RECOVERY_INTERVAL``, ...) but only when a
+``SagaSettings()`` is built, never at import, so an application can build its own from code.
+"""
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class SagaSettings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore")
+    """Everything the engine reads; field names are also the environment variable names."""
 
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    # --- the store and the broker ------------------------------------------------------------
     database_url: str = Field(
         "sqlite:///var/sagas.db", description="SQLAlchemy URL of the saga store"
     )
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Broker, result backend and coordination"
+        "redis://127.0.0.1:6379/0",
+        description="Broker the outbox relay publishes to unless SAGAS_OUTBOX_BROKER_URL is set",
     )
-    saga_queue: str = Field("saga", description="Queue of the coordinator tasks")
+    saga_queue: str = Field("saga", description="Queue of the coordinator's own tasks")
+    sql_echo: bool = Field(False, description="Log every SQL statement (SQLAlchemy echo)")
+
+    # --- timing and recovery -------------------------------------------------------------------
     step_timeout: float = Field(
-        300.0, description="Expected upper bound of a step without its own time limit (s)"
+        300.0, gt=0, description="Expected upper bound of a step without its own time limit (s)"
     )
     recovery_grace: float = Field(
-        30.0, description="Past a step's deadline, recovery re-drives it within this (s)"
+        30.0, ge=0, description="Past a step's deadline, recovery re-drives it within this (s)"
     )
-    sql_echo: bool = False
+    recovery_interval: float = Field(
+        5.0, gt=0, description="Seconds between two beat-scheduled reconciler runs"
+    )
+    recovery_batch: int = Field(
+        500, gt=0, description="Most sagas one reconciler run re-drives (oldest deadline first)"
+    )
 
+    # --- observability -------------------------------------------------------------------------
+    sagas_listeners: str = Field(
+        "metrics", description="Comma-separated built-ins (metrics, json_log, tracing) or "
+        "dotted paths module:Class of listeners every process registers",
+    )
+    sagas_metrics_port: int | None = Field(
+        None, description="A worker's main process serves /metrics on this port (multiprocess)"
+    )
+    flower_url: str = Field(
+        "http://127.0.0.1:5555", description="Base URL of Flower, for the dashboard's links"
+    )
 
-@lru_cache(maxsize=1)
-def get_settings() -> SagaSettings:
-    return SagaSettings()
+    # --- the outbox ----------------------------------------------------------------------------
+    sagas_outbox: bool = Field(True, description="Write lifecycle events to the outbox table")
+    sagas_outbox_broker_url: str | None = Field(
+        None, description="Broker the outbox relay publishes to (default: REDIS_URL)"
+    )
+    sagas_outbox_batch: int = Field(100, gt=0, description="Rows the relay claims per batch")
+    sagas_outbox_max_attempts: int = Field(
+        10, gt=0, description="Publish attempts before an outbox row is dead-lettered"
+    )
+    sagas_outbox_interval: float = Field(
+        0.5, gt=0, description="Relay poll interval when idle (s)"
+    )
+    sagas_outbox_retention: float = Field(
+        7 * 24 * 3600.0, description="Sent outbox rows older than this are deleted (s)"
+    )
+
+    @property
+    def outbox_broker_url(self) -> str:
+        return self.sagas_outbox_broker_url or self.redis_url

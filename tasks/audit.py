@@ -1,7 +1,9 @@
-"""``sagas audit``: the order ledgers checked against the saga states, the chaos suite's oracle.
+"""The order ledgers checked against the saga states: the chaos suite's oracle, a plug-in check.
 
-Each participant owns its ledger and applies each effect once per idempotency key; the saga
-store says how each order ended. The audit joins the two and lists every place they disagree:
+``sagas audit`` runs the engine's own rules on every saga (``sagas.ops.audit``), then this check,
+registered on ``config.engine`` when ``tasks`` is imported. Each participant owns its ledger and
+applies each effect once per idempotency key; the saga store says how each order ended. The
+check joins the two and lists every place they disagree:
 
 - COMPLETED: exactly one reservation, still ``reserved``; exactly one charge, ``charged`` and
   never refunded; exactly one shipment.
@@ -16,54 +18,41 @@ store says how each order ended. The audit joins the two and lists every place t
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from config.settings import get_app_settings
-from sagas.errors import SagaError, StoreUnavailableError
-from sagas.store import Store, sagas_t
+from sagas.ops.audit import Finding, audit_idle
+from sagas.store.sql import sagas_t
 from tasks.models import Charge, Refund, Reservation, Shipment, Stock
+
+if TYPE_CHECKING:
+    from sagas import Sagas
 
 ORDER_SAGA = "order"
 TERMINAL = ("COMPLETED", "COMPENSATED")
 
 
-@dataclass
-class AuditReport:
-    sagas: int = 0
-    states: dict[str, int] = field(default_factory=dict)
-    violations: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations
-
-    def add(self, rule: str, detail: str, saga_id: str | None = None) -> None:
-        self.violations.append({"saga": saga_id, "rule": rule, "detail": detail})
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "sagas": self.sagas, "states": self.states,
-                "violations": self.violations}
-
-
-def run_audit(
-    database_url: str | None = None,
+def order_ledgers(
+    engine: Sagas,
     *,
-    idle: bool = True,
     starting_stock: dict[str, int] | None = None,
-) -> AuditReport:
-    """Audit the order ledgers in ``database_url`` (default DATABASE_URL)."""
-    settings = get_app_settings()
-    store = Store(database_url or settings.database_url)
-    stock0 = dict(starting_stock if starting_stock is not None else settings.starting_stock)
-    with store.read() as conn:
+    idle: bool = True,
+) -> list[Finding]:
+    """The order ledgers in ``engine.store`` against its order sagas' states.
+
+    ``starting_stock`` defaults to the app's STARTING_STOCK. The "not terminal" rule runs when
+    ``idle`` is True and the audit running this check is not a ``--no-idle`` one.
+    """
+    stock0 = dict(
+        starting_stock if starting_stock is not None else get_app_settings().starting_stock
+    )
+    idle = idle and audit_idle()
+    with engine.store.read() as conn:
         sagas = {
             str(r.id): str(r.state)
             for r in conn.execute(
@@ -76,10 +65,7 @@ def run_audit(
         shipments = conn.execute(select(Shipment.__table__)).all()
         stock = {str(r.sku): int(r.available) for r in conn.execute(select(Stock.__table__))}
 
-    report = AuditReport(sagas=len(sagas))
-    for state in sagas.values():
-        report.states[state] = report.states.get(state, 0) + 1
-
+    report = _Findings()
     by_saga: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
     for kind, rows in (("reservation", reservations), ("charge", charges),
                        ("refund", refunds), ("shipment", shipments)):
@@ -117,14 +103,34 @@ def run_audit(
                 f"{sku}: available {stock[sku]}, expected {expected} "
                 f"(start {stock0[sku]} - reserved {live.get(sku, 0)})",
             )
-    return report
+    return report.findings
+
+
+def order_ledger_check(
+    starting_stock: dict[str, int] | None = None, idle: bool = True
+) -> Callable[[Sagas], list[Finding]]:
+    """``order_ledgers`` as an audit check (``engine.add_audit_check``), its options bound."""
+
+    def order_ledgers_check(engine: Sagas) -> list[Finding]:
+        return order_ledgers(engine, starting_stock=starting_stock, idle=idle)
+
+    order_ledgers_check.__name__ = order_ledgers_check.__qualname__ = "order_ledgers"
+    return order_ledgers_check
+
+
+class _Findings:
+    def __init__(self) -> None:
+        self.findings: list[Finding] = []
+
+    def add(self, rule: str, detail: str, saga_id: str | None = None) -> None:
+        self.findings.append(Finding(rule, detail, saga_id))
 
 
 def _key(row: Any) -> str:
     return str(getattr(row, "key", None) or getattr(row, "charge_key", "?"))
 
 
-def _check_completed(report: AuditReport, saga_id: str, ledger: dict[str, list[Any]]) -> None:
+def _check_completed(report: _Findings, saga_id: str, ledger: dict[str, list[Any]]) -> None:
     reserved = ledger.get("reservation", [])
     if [r.state for r in reserved] != ["reserved"]:
         report.add("completed: one reservation consumed",
@@ -141,7 +147,7 @@ def _check_completed(report: AuditReport, saga_id: str, ledger: dict[str, list[A
                    f"{len(ledger.get('shipment', []))} shipments", saga_id)
 
 
-def _check_compensated(report: AuditReport, saga_id: str, ledger: dict[str, list[Any]]) -> None:
+def _check_compensated(report: _Findings, saga_id: str, ledger: dict[str, list[Any]]) -> None:
     still = [r.key for r in ledger.get("reservation", []) if r.state == "reserved"]
     if still:
         report.add("compensated: stock back", f"reservations still held: {still}", saga_id)
@@ -166,30 +172,6 @@ def _check_compensated(report: AuditReport, saga_id: str, ledger: dict[str, list
                    f"{len(ledger['shipment'])} shipment(s)", saga_id)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="sagas audit",
-        description="Check the order ledgers (stock, charges, shipments) against saga states.",
-    )
-    parser.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
-    parser.add_argument("--no-idle", action="store_true",
-                        help="sagas may still be running: do not flag live ones")
-    parser.add_argument("--starting-stock", default=None,
-                        help="JSON object sku -> units the database started with "
-                             "(default STARTING_STOCK)")
-    args = parser.parse_args(argv)
-    stock0 = json.loads(args.starting_stock) if args.starting_stock else None
-    try:
-        report = run_audit(idle=not args.no_idle, starting_stock=stock0)
-    except SagaError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 3 if isinstance(exc, StoreUnavailableError) else 1
-    if args.as_json:
-        sys.stdout.write(json.dumps(report.as_dict(), indent=2, default=str) + "\n")
-    else:
-        verdict = "ok" if report.ok else f"{len(report.violations)} violations"
-        states = ", ".join(f"{k} {v}" for k, v in sorted(report.states.items()))
-        sys.stdout.write(f"audit: {report.sagas} order sagas ({states or 'none'}): {verdict}\n")
-        for v in report.violations[:50]:
-            sys.stdout.write(f"  {v['saga'] or '-'}: {v['rule']}: {v['detail']}\n")
-    return 0 if report.ok else 1
+from config import engine  # noqa: E402 - registered once everything above is defined
+
+engine.add_audit_check(order_ledger_check())

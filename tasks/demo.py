@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare_environment(stack: ExitStack) -> None:
-    from sagas.localredis import LocalRedis
+    from sagas.devtools.localredis import LocalRedis
 
     if not os.environ.get("REDIS_URL"):
         redis = stack.enter_context(LocalRedis())
@@ -75,9 +75,9 @@ def _prepare_environment(stack: ExitStack) -> None:
 
 
 def _run(count: int, timeout: float, stack: ExitStack) -> int:
-    from sagas.localworkers import LocalWorker
-    from sagas.migrate import upgrade
-    from sagas.runtime import get_store
+    from sagas.devtools.localworkers import LocalWorker
+    from sagas.store.migrate import upgrade
+    from sagas.runtime.transitions import get_store
     from tasks import start_order_saga
     from tasks.payment import order_amount
 

@@ -95,6 +95,6 @@ def release(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def _now() -> Any:
-    from sagas.store import utcnow
+    from sagas.store.sql import utcnow
 
     return utcnow()

@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from config import app
+from config import app, engine
 from config.queues import INVENTORY, PAYMENT, SAGA, SHIPPING
-from sagas import RetryPolicy, Saga, Step, start_saga
+from sagas import RetryPolicy, Saga, Step
 from tasks import inventory, payment, shipping
 
 
@@ -29,7 +29,7 @@ class OrderInput(BaseModel):
         return value
 
 
-order_saga = Saga(
+order_saga = engine.register(Saga(
     "order",
     steps=[
         Step(
@@ -46,10 +46,12 @@ order_saga = Saga(
         ),
     ],
     input_model=OrderInput,
-)
+))
 
 
 @app.task(name="orders.start_saga", bind=True, queue=SAGA)
 def start_order_saga(self: Any, order: dict[str, Any], idempotency_key: str | None = None) -> str:
     """``start_order_saga.delay(order)``: the AsyncResult's id is the saga id."""
-    return start_saga(order_saga, order, saga_id=self.request.id, idempotency_key=idempotency_key)
+    return engine.start(
+        order_saga, order, saga_id=self.request.id, idempotency_key=idempotency_key
+    ).id

@@ -20,10 +20,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql import Select
 
-from sagas.api import AdminAuth, Problem
-from sagas.models import SagaRow, StepRow
+from sagas.ops.api import AdminAuth, Problem
+from sagas.store.schema import SagaRow, StepRow
 from sagas.states import SagaState
-from sagas.store import input_digest, utcnow
+from sagas.store.sql import input_digest, utcnow
 from tasks.db import transaction
 from tasks.models import Charge, DomainBase, Refund, Reservation, Shipment, Stock
 from tasks.order_saga import OrderInput, start_order_saga

@@ -28,6 +28,7 @@ TEST_IMPORTS = "tests.support.test_sagas"
 _REDIS: RedisServer = start_redis()
 os.environ["REDIS_URL"] = _REDIS.url
 os.environ["SAGAS_IMPORTS"] = TEST_IMPORTS
+os.environ["SAGAS_APP"] = "config"  # the sample app, for the CLI run as a subprocess
 os.environ.setdefault("DATABASE_URL", "sqlite:////tmp/sagas-unit-placeholder.db")
 
 
@@ -41,13 +42,13 @@ def redis_server() -> RedisServer:
 
 
 def use_database(url: str, redis_db: int = 0) -> None:
-    """Point this process's engine settings at ``url`` (env + cached settings)."""
+    """Point this process's sample engine (and its participants) at ``url``."""
+    from config import engine
     from config.settings import get_app_settings
-    from sagas.settings import get_settings
 
     os.environ["DATABASE_URL"] = url
-    get_settings.cache_clear()
     get_app_settings.cache_clear()
+    engine.settings = engine.settings.model_copy(update={"database_url": url})
 
 
 @dataclass
@@ -66,18 +67,19 @@ def _worker_env(database_url: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         REDIS_URL=_REDIS.url, DATABASE_URL=database_url, SAGAS_IMPORTS=TEST_IMPORTS,
+        SAGAS_APP="config",
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
     )
     return env
 
 
 def _migrate() -> None:
-    import config  # noqa: F401 - the app registers the order domain's migrations
-    import tasks  # noqa: F401
+    import tasks.migrate
     import tests.support.test_sagas  # noqa: F401
-    from sagas.migrate import upgrade
+    from config import engine
 
-    upgrade()
+    engine.upgrade_schema()
+    tasks.migrate.upgrade()
 
 
 @contextmanager
@@ -97,7 +99,7 @@ def fresh_database(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     try:
         yield url
     finally:
-        from sagas.store import _engines
+        from sagas.store.sql import _engines
 
         for key in [k for k in _engines if k[1] == url]:
             _engines.pop(key).dispose()
@@ -130,7 +132,7 @@ def engine_backend(backend: Backend) -> Backend:
 def wait_for_saga(saga_id: str, states: set[str] | None = None, timeout: float = 30
                   ) -> dict[str, Any]:
     """Poll the store until the saga reaches one of ``states`` (default: settled)."""
-    from sagas import get_store
+    from tests.support.engine import get_store
 
     wanted = states or {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED"}
     deadline = time.monotonic() + timeout

@@ -16,7 +16,7 @@ import uvicorn
 
 from config.settings import Settings
 from config.web import create_app
-from sagas import start_saga
+from tests.support.engine import start_saga
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.services import free_port, require_service

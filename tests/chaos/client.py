@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import config
-from sagas import start_saga
+from tests.support.engine import start_saga
 from sagas.errors import StoreUnavailableError
 
 ITEMS = ("laptop", "phone", "book")

@@ -18,13 +18,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from sagas.store import Store, events_t, sagas_t
+from sagas.store.sql import Store, events_t, sagas_t
 from tests.support.services import RedisServer, start_redis
 from tests.support.workers import ROOT, WorkerProcess
 
 CRASH_IMPORTS = "tests.support.test_sagas,tests.chaos.crash_sagas"
 SETTLED = {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED"}
-SAGAS_CLI = "import sys; from sagas.cli import main; sys.argv[0] = 'sagas'; main()"
+SAGAS_CLI = "import sys; from sagas.ops.cli import main; sys.argv[0] = 'sagas'; main()"
 
 
 class Cluster:
@@ -63,7 +63,7 @@ class Cluster:
         return result
 
     def sagas_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        # Not ``-m sagas.cli``: as __main__ it would be a second module, without the plugins.
+        # Not ``-m sagas.ops.cli``: as __main__ it would be a second module, without the plugins.
         return self.run("-c", SAGAS_CLI, *args, check=check)
 
     def client(self, *args: str) -> dict[str, Any]:
@@ -142,7 +142,7 @@ class Cluster:
             os.killpg(self.beat.pid, signal.SIGKILL)
             self.beat.wait(10)
         self.redis.stop(kill=True)
-        from sagas.store import _engines
+        from sagas.store.sql import _engines
 
         for key in [k for k in _engines if k[1] == self.database_url]:
             _engines.pop(key).dispose()

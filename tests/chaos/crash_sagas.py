@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 
-from config import app
+from config import app, engine
 from sagas import BusinessError, RetryPolicy, Saga, Step
 
 QUEUE = "crashy"
@@ -140,3 +140,6 @@ recovery_pivot = Saga(
            _unserved("z", compensation=None)],
     deadline=3600,
 )
+
+for _saga in (crashy, recovery_unit, recovery_deadline, recovery_pivot):
+    engine.register(_saga)

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from config.settings import Settings
 from config.web import create_app
-from sagas import get_store, start_saga
+from tests.support.engine import get_store, start_saga
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.services import free_port

@@ -20,7 +20,7 @@ def test_bench_smoke_reports_figures_and_ratios(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("DATABASE_URL", None)  # the bench uses its own private SQLite file and Redis
     proc = subprocess.run(
-        [sys.executable, "-m", "sagas.cli", "bench", "-n", "20", "--repeat", "1", "--idle", "3",
+        [sys.executable, "-m", "sagas.ops.cli", "bench", "-n", "20", "--repeat", "1", "--idle", "3",
          "--warmup", "2", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
@@ -56,7 +56,7 @@ def test_in_flight_study_reports_store_growth_the_reconcilers_index_and_worker_m
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("DATABASE_URL", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "sagas.cli", "bench", "--in-flight", "80", "--json", str(out)],
+        [sys.executable, "-m", "sagas.ops.cli", "bench", "--in-flight", "80", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from sagas import get_store, start_saga
+from tests.support.engine import get_store, start_saga
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.services import free_port
@@ -184,7 +184,7 @@ def test_relay_once_publishes_a_sagas_pending_events_and_marks_them_sent(
 ):
     from sqlalchemy import select
 
-    from sagas import outbox
+    from sagas.runtime import relay as outbox
 
     saga_id = start_saga(ts.linear, {})
     wait_for_saga(saga_id)

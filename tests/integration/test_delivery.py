@@ -17,12 +17,12 @@ from celery import Celery
 from sqlalchemy import func, select
 
 from config import app, queues
-from sagas.coordinator import StepFailed, StepRetrying, StepSucceeded
-from sagas.dispatch import TIME_LIMIT_HARD_MARGIN
+from sagas.coordinator import IgnoreKind, StepFailed, StepRetrying, StepSucceeded
+from sagas.runtime.dispatch import TIME_LIMIT_HARD_MARGIN
 from sagas.errors import IdempotencyConflictError
-from sagas.runtime import apply_event, get_store, start_saga
-from sagas.store import sagas_t
-from sagas.worker import SagaTask
+from tests.support.engine import apply_event, get_store, start_saga
+from sagas.store.sql import sagas_t
+from sagas.runtime.worker import SagaTask
 from tests.chaos import crash_sagas as cs
 from tests.chaos.cluster import Cluster
 from tests.conftest import use_database
@@ -39,11 +39,11 @@ def test_delivery_settings_are_at_least_once_with_a_bounded_worker_lost_cap():
     assert SagaTask.max_retries is not None and SagaTask.max_retries <= 5
     assert SagaTask.default_retry_delay <= 5, "a lost task is sent again promptly"
     import tasks  # noqa: F401 - the order saga
-    from sagas.definition import registered_sagas
+    from config import engine
 
     longest = max(
         (s.time_limit or 0) + TIME_LIMIT_HARD_MARGIN
-        for saga in registered_sagas().values() for s in saga.steps.values()
+        for saga in engine.sagas.values() for s in saga.steps.values()
     )
     assert conf.broker_transport_options["visibility_timeout"] > longest
     assert "pickle" not in conf.accept_content
@@ -56,7 +56,7 @@ def delivery_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"sqlite:///{tmp_path_factory.mktemp('delivery')}/sagas.db"
     use_database(url)
     import tasks  # noqa: F401
-    from sagas.migrate import upgrade
+    from sagas.store.migrate import upgrade
 
     upgrade()
     yield url
@@ -110,7 +110,8 @@ def test_callbacks_for_unknown_sagas_are_logged_and_ignored(
 ):
     with caplog.at_level(logging.INFO, logger="sagas"):
         decision = apply_event("no-such-saga", StepSucceeded("a", "action", {}))
-    assert decision.ignored == "unknown saga no-such-saga"
+    assert decision.ignored is not None
+    assert decision.ignored.kind is IgnoreKind.UNKNOWN_SAGA
     assert not decision.dispatches
     assert "unknown saga no-such-saga" in caplog.text or "no-such-saga ignored" in caplog.text
 

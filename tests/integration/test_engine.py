@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from config import app
-from sagas import start_saga
+from tests.support.engine import start_saga
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
 

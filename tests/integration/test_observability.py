@@ -20,8 +20,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode, format_span_id, format_trace_id
 
 from config import app
-from sagas import metrics, start_saga, tracing
-from sagas.settings import get_settings
+from tests.support.engine import start_saga
+from sagas.observe import metrics, tracing
 from tests.conftest import Backend, wait_for_saga
 from tests.support import obs_sagas
 from tests.support.services import free_port
@@ -44,11 +44,12 @@ def spans() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture
 def private_saga_queue(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Failure callbacks go to a queue only this test's worker serves."""
-    monkeypatch.setenv("SAGA_QUEUE", "obs_saga")
-    get_settings.cache_clear()
+    from config import engine
+
+    previous = engine.settings
+    engine.settings = previous.model_copy(update={"saga_queue": "obs_saga"})
     yield "obs_saga"
-    monkeypatch.undo()
-    get_settings.cache_clear()
+    engine.settings = previous
 
 
 def test_one_trace_per_saga_with_a_span_per_attempt_and_per_compensation(
@@ -149,8 +150,11 @@ def test_trace_context_crosses_processes_and_prefork_metrics_are_served(
 
 
 def test_metrics_route_exposes_counters_and_in_flight_gauges(engine_backend: Backend):
+    from config import engine
+    from sagas.ops.api import metrics_router
+
     web = FastAPI()
-    web.include_router(metrics.router)
+    web.include_router(metrics_router(engine))
     client = TestClient(web)
     before = metrics.sample("sagas_started_total", {"saga": "t_linear"})
     from tests.support import test_sagas as ts

@@ -16,11 +16,14 @@ import pytest
 from kombu import Connection, Exchange, Queue
 from sqlalchemy import select, update
 
-from sagas import outbox, start_saga
+from tests.support.engine import start_saga
+from sagas import SagaSettings
+from sagas.runtime import relay as outbox
+from sagas.store import outbox as store_outbox
 from sagas.coordinator import Decision, SagaSnapshot, StepSnapshot, Transition
-from sagas.runtime import get_store
+from tests.support.engine import get_store
 from sagas.states import SagaState, StepState
-from sagas.store import Store
+from sagas.store.sql import Store
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
 
@@ -82,13 +85,13 @@ def test_lifecycle_events_are_written_only_for_lifecycle_transitions():
         Transition("b", StepState.PENDING, StepState.RUNNING, 1),
         Transition("b", StepState.RUNNING, StepState.RUNNING, 2, "retry"),
     ])
-    rows = outbox.outbox_rows(snap, moves)
+    rows = store_outbox.outbox_rows(snap, moves)
     assert [r["event"] for r in rows] == ["saga.started", "step.succeeded"]
     assert [r["routing_key"] for r in rows] == ["order.saga.started", "order.step.succeeded"]
     assert rows[0]["payload"]["input"] == {"x": 1}
     assert rows[1]["payload"]["result"] == {"r": 1}
     assert len({r["event_id"] for r in rows}) == 2
-    assert outbox.outbox_rows(snap, Decision(transitions=moves.transitions[2:])) == []
+    assert store_outbox.outbox_rows(snap, Decision(transitions=moves.transitions[2:])) == []
 
 
 @pytest.mark.integration
@@ -136,7 +139,7 @@ def add_rows(store: Store, n: int, saga: str = "order") -> list[str]:
         f"x{i}": StepSnapshot(f"x{i}", StepState.SUCCEEDED, 1, {}) for i in range(n)})
     moves = Decision(transitions=[
         Transition(f"x{i}", StepState.RUNNING, StepState.SUCCEEDED, 1) for i in range(n)])
-    rows = outbox.outbox_rows(snap, moves)
+    rows = store_outbox.outbox_rows(snap, moves)
     with store.begin() as conn:
         conn.execute(outbox.outbox_t.insert(), rows)
     return [r["event_id"] for r in rows]
@@ -156,7 +159,7 @@ def test_a_failing_publish_is_retried_with_backoff_then_dead_lettered(scratch_st
         raise ConnectionError("broker down")
 
     # A backoff of 10-20 s: no machine is slow enough for it to pass between two calls.
-    relay = outbox.Relay(scratch_store, broker_down, max_attempts=3, backoff=20,
+    relay = outbox.Relay(scratch_store, SagaSettings(), broker_down, max_attempts=3, backoff=20,
                          backoff_max=20, retention=0)
     first, second = add_rows(scratch_store, 2)
     assert relay.run_once() == 1
@@ -174,7 +177,7 @@ def test_a_failing_publish_is_retried_with_backoff_then_dead_lettered(scratch_st
     assert calls.count(first) == 3
     assert outbox.requeue_dead(scratch_store) >= 1
     sent: list[str] = []
-    outbox.Relay(scratch_store, lambda row: sent.append(row["event_id"]), retention=0).run_once()
+    outbox.Relay(scratch_store, SagaSettings(), lambda row: sent.append(row["event_id"]), retention=0).run_once()
     assert {s for s, _ in statuses(scratch_store)} == {"sent"}
 
 
@@ -187,9 +190,9 @@ def test_relay_publishes_to_the_topic_exchange_by_saga_and_event(
         ids = add_rows(scratch_store, 3, saga="billing")
         snap = SagaSnapshot("s-2", "billing", SagaState.COMPLETED, {}, {})
         with scratch_store.begin() as conn:
-            outbox.insert_outbox(conn, snap, Decision(
+            store_outbox.insert_outbox(conn, snap, Decision(
                 transitions=[Transition(None, SagaState.RUNNING, SagaState.COMPLETED)]))
-        relay = outbox.Relay(scratch_store, outbox.KombuPublisher(redis_server.url),
+        relay = outbox.Relay(scratch_store, SagaSettings(), outbox.KombuPublisher(redis_server.url),
                              retention=0)
         assert relay.run_once() == 4
         got = everything.drain()
@@ -206,7 +209,7 @@ def test_relay_publishes_to_the_topic_exchange_by_saga_and_event(
 def start_relay(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-c", "from sagas.outbox import main; main()", "relay",
+            [sys.executable, "-m", "sagas.ops.cli", "-A", "config", "relay",
              "--interval", "0.05", *args],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )

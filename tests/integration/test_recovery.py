@@ -24,9 +24,9 @@ import redis
 from sqlalchemy import select, update
 
 from sagas.coordinator import StepSucceeded
-from sagas.recovery import recover_stalled
-from sagas.runtime import apply_event, get_store, start_saga
-from sagas.store import sagas_t, utcnow
+from tests.support.engine import recover_stalled
+from tests.support.engine import apply_event, get_store, start_saga
+from sagas.store.sql import sagas_t, utcnow
 from tests.chaos import crash_sagas as cs
 from tests.chaos.cluster import Cluster
 from tests.conftest import fresh_database, use_database
@@ -138,7 +138,7 @@ def test_racing_reconcilers_dispatch_each_stalled_step_exactly_once(db: str):
 def test_a_stalled_compensation_is_redriven_as_a_compensation(db: str):
     saga_id = start_saga(cs.recovery_unit, {})
     apply_event(saga_id, StepSucceeded("a", "action", {"ok": 1}))
-    from sagas.runtime import cancel_saga
+    from tests.support.engine import cancel_saga
 
     cancel_saga(saga_id)  # b is in flight: the saga waits for it, then undoes a
     apply_event(saga_id, StepSucceeded("b", "action", {"ok": 1}))
@@ -192,12 +192,12 @@ def test_sagas_recover_by_hand_prints_a_one_line_summary(db: str, tmp_path: Path
     make_stale(saga_id)
     env = dict(os.environ, DATABASE_URL=db, PYTHONPATH=str(ROOT),
                SAGAS_IMPORTS="tests.support.test_sagas,tests.chaos.crash_sagas")
-    dry = subprocess.run([sys.executable, "-m", "sagas.cli", "recover", "--dry-run", "--json"],
+    dry = subprocess.run([sys.executable, "-m", "sagas.ops.cli", "recover", "--dry-run", "--json"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert saga_id in json.loads(dry.stdout)["redriven"]
     assert len(published(saga_id)) == 1, "a dry run changes nothing"
-    run = subprocess.run([sys.executable, "-m", "sagas.cli", "recover"],
+    run = subprocess.run([sys.executable, "-m", "sagas.ops.cli", "recover"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()

@@ -6,6 +6,7 @@ input); a test starts its own worker (in-process or a subprocess) for these queu
 
 from __future__ import annotations
 
+from config import engine
 from sagas import Saga, Step
 from tests.support.test_sagas import FAST, FAST_UNDO, act, undo
 
@@ -20,3 +21,6 @@ def _step(name: str, queue: str) -> Step:
 
 traced = Saga("t_traced", steps=[_step(n, TRACE_QUEUE) for n in ("a", "b", "c")])
 cross_process = Saga("t_xproc", steps=[_step(n, XPROC_QUEUE) for n in ("a", "b")])
+
+for _saga in (traced, cross_process):
+    engine.register(_saga)

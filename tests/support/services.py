@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sagas.localredis import free_port, start_redis_server
+from sagas.devtools.localredis import free_port, start_redis_server
 
 PG_ADMIN_URL = os.environ.get(
     "SAGAS_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from config import app
+from config import app, engine
 from sagas import BusinessError, RetryPolicy, Saga, Step, TransientError
 
 QUEUE = "testsvc"
@@ -97,3 +97,6 @@ timed = Saga("t_timed", steps=[_step("a"), _step("slow", time_limit=1.0)])
 foreign = Saga(
     "t_foreign", steps=[_step("a"), Step("elsewhere", action="nowhere.registered", queue=QUEUE)]
 )
+
+for _saga in (linear, no_undo, diamond, pivoted, timed, foreign):
+    engine.register(_saga)

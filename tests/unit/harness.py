@@ -31,7 +31,7 @@ def step(name: str, *, comp: bool = True, **kwargs: Any) -> Step:
 
 
 def make_saga(*steps: Step, name: str = "unit") -> Saga:
-    return Saga(name, list(steps), register=False)
+    return Saga(name, list(steps))
 
 
 def new_snapshot(saga: Saga, saga_id: str = "saga-1") -> SagaSnapshot:

@@ -7,8 +7,7 @@ import random
 import pytest
 from pydantic import BaseModel
 
-from sagas import definition
-from sagas.definition import DEFAULT_QUEUE, RetryPolicy, Saga, Step, get_saga, task_name
+from sagas.definition import DEFAULT_QUEUE, RetryPolicy, Saga, Step, task_name
 from sagas.errors import (
     BusinessError,
     CompensationAfterPivotError,
@@ -18,7 +17,6 @@ from sagas.errors import (
     InvalidSagaInputError,
     TransientError,
     UnknownDependencyError,
-    UnknownSagaError,
 )
 
 
@@ -32,7 +30,7 @@ class FakeTask:
 
 
 def make_saga(*steps: Step, name: str = "unit", **kwargs) -> Saga:
-    return Saga(name, list(steps), register=False, **kwargs)
+    return Saga(name, list(steps), **kwargs)
 
 
 def step(name: str, *, comp: bool = True, **kwargs) -> Step:
@@ -226,16 +224,6 @@ def test_step_queue_comes_from_the_step_then_the_task_then_the_default():
     assert Step("a", FakeTask("svc.a", queue="tq"), queue="sq").target_queue == "sq"
     assert Step("a", FakeTask("svc.a", queue="tq")).target_queue == "tq"
     assert Step("a", "svc.a").target_queue == DEFAULT_QUEUE
-
-
-# --- registry ----------------------------------------------------------------------------
-def test_defining_a_saga_registers_it_by_name_unless_told_not_to(monkeypatch):
-    monkeypatch.setattr(definition, "_REGISTRY", {})
-    registered = Saga("registered", [step("a")])
-    Saga("private", [step("a")], register=False)
-    assert get_saga("registered") is registered
-    with pytest.raises(UnknownSagaError, match="'private'"):
-        get_saga("private")
 
 
 # --- input -------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from celery.signals import task_prerun
 
-from sagas import listeners, metrics, tracing
 from sagas.coordinator import (
     Decision,
     Redrive,
@@ -22,7 +21,8 @@ from sagas.coordinator import (
     StepSucceeded,
     Transition,
 )
-from sagas.listeners import SagaListener, StepAttempt, TransitionEvent
+from sagas.observe import listeners, metrics, setup, tracing
+from sagas.observe.listeners import SagaListener, StepAttempt, TransitionEvent
 from sagas.states import SagaState, StepState
 
 
@@ -152,26 +152,14 @@ def test_attempt_hooks_cost_nothing_until_a_listener_wants_them():
     assert ours() == []
 
 
-def test_settings_choose_builtins_and_user_listeners_by_dotted_path(monkeypatch):
-    monkeypatch.setenv("SAGAS_LISTENERS", "json_log,metrics,tests.unit.test_listeners:Recorder")
-    listeners.get_observability_settings.cache_clear()
-    try:
-        listeners._active = None
-        kinds = [type(x).__name__ for x in listeners.configure()]
-    finally:
-        listeners.get_observability_settings.cache_clear()
-    assert kinds == ["JsonLogListener", "MetricsListener", "Recorder"]
+def test_settings_choose_builtins_and_user_listeners_by_dotted_path():
+    built = setup.listeners_named("json_log,metrics,tests.unit.test_listeners:Recorder")
+    assert [type(x).__name__ for x in built] == ["JsonLogListener", "MetricsListener", "Recorder"]
 
 
-def test_an_unknown_listener_name_is_reported_not_fatal(monkeypatch, caplog):
-    monkeypatch.setenv("SAGAS_LISTENERS", "nonsense,json_log")
-    listeners.get_observability_settings.cache_clear()
-    try:
-        listeners._active = None
-        with caplog.at_level(logging.ERROR, logger="sagas.listeners"):
-            kinds = [type(x).__name__ for x in listeners.configure()]
-    finally:
-        listeners.get_observability_settings.cache_clear()
+def test_an_unknown_listener_name_is_reported_not_fatal(caplog):
+    with caplog.at_level(logging.ERROR, logger="sagas.listeners"):
+        kinds = [type(x).__name__ for x in setup.listeners_named("nonsense,json_log")]
     assert kinds == ["JsonLogListener"]
     assert "'nonsense' could not be set up" in caplog.text
 

@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import create_engine, event, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from sagas.models import Base
-from sagas.prepared import PreparedSet, execute
-from sagas.store import _LOAD, _UPDATE_SAGA_SETTLE, sagas_t, steps_t
+from sagas.store.prepared import PreparedSet, execute
+from sagas.store.schema import Base
+from sagas.store.sql import _LOAD, _UPDATE_SAGA_SETTLE, sagas_t, steps_t
 
 HOT = PreparedSet({
     "insert_saga": (insert(sagas_t), ("id", "name", "state", "input", "stall_deadline",

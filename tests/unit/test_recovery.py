@@ -3,34 +3,35 @@
 from __future__ import annotations
 
 import pytest
+from celery import Celery
 
-from sagas.recovery import RECOVER_TASK, RecoveryReport, beat_schedule, get_recovery_settings
-from sagas.worker import _is_definite
-
-
-@pytest.fixture
-def interval(monkeypatch: pytest.MonkeyPatch):
-    def set_to(value: str) -> None:
-        monkeypatch.setenv("RECOVERY_INTERVAL", value)
-        get_recovery_settings.cache_clear()
-
-    yield set_to
-    get_recovery_settings.cache_clear()
+from sagas import Sagas, SagaSettings
+from sagas.runtime.dispatch import RECOVER_TASK
+from sagas.runtime.recovery import BEAT_ENTRY, RecoveryReport, beat_entry
+from sagas.runtime.worker import _is_definite
 
 
-def test_beat_runs_the_reconciler_on_the_saga_queue_every_recovery_interval(interval):
-    interval("2.5")
-    entry = beat_schedule()["sagas-recover-stalled"]
+def test_beat_runs_the_reconciler_on_the_saga_queue_every_recovery_interval():
+    entry = beat_entry(SagaSettings(recovery_interval=2.5, saga_queue="coord"))
     assert entry["task"] == RECOVER_TASK
     assert entry["schedule"] == 2.5
-    assert entry["options"]["queue"] == "saga"
+    assert entry["options"]["queue"] == "coord"
     assert entry["options"]["expires"] == 2.5, "a run stuck in a backlog is dropped, not piled up"
 
 
-def test_the_default_interval_keeps_the_30_second_recovery_bound(interval):
-    from sagas.settings import get_settings
+def test_binding_an_app_puts_the_reconciler_in_its_own_beat_schedule():
+    app = Celery("beat-test", broker="memory://")
+    Sagas(app, SagaSettings(recovery_interval=3.0, sagas_listeners=""))
+    entry = app.conf.beat_schedule[BEAT_ENTRY]
+    assert entry["task"] == RECOVER_TASK
+    assert entry["schedule"] == 3.0
+    assert entry["options"]["queue"] == "saga"
+    assert RECOVER_TASK in app.tasks
 
-    assert get_recovery_settings().recovery_interval < get_settings().recovery_grace
+
+def test_the_default_interval_keeps_the_30_second_recovery_bound():
+    settings = SagaSettings()
+    assert settings.recovery_interval < settings.recovery_grace
 
 
 def test_the_report_summary_is_one_line_with_the_counts():

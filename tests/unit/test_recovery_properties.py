@@ -27,6 +27,7 @@ from sagas.coordinator import (
     DeadlinePassed,
     Decision,
     Dispatch,
+    IgnoreKind,
     Redrive,
     Started,
     StepFailed,
@@ -167,7 +168,8 @@ def test_an_indefinite_failure_of_the_pivot_leaves_it_running_for_recovery():
     run.start()
     run.succeed("a")
     decision = run.send(StepFailed("p", ACTION, "WorkerLostError: lost", definite=False))
-    assert decision.ignored and "outcome unknown" in decision.ignored
+    assert decision.ignored is not None
+    assert decision.ignored.kind is IgnoreKind.PIVOT_OUTCOME_UNKNOWN
     assert run.step_state("p") == StepState.RUNNING and run.state == SagaState.RUNNING
     redrive = run.send(Redrive())
     assert [(d.step, d.phase, d.attempt) for d in redrive.dispatches] == [("p", ACTION, 2)]
@@ -183,8 +185,10 @@ def test_a_deadline_while_the_pivot_is_in_flight_waits_for_its_outcome():
     run = Run(saga)
     run.start()
     run.succeed("a")
-    assert run.send(DeadlinePassed()).ignored
+    ignored = run.send(DeadlinePassed()).ignored
+    assert ignored is not None and ignored.kind is IgnoreKind.PIVOT_IN_FLIGHT
     assert run.state == SagaState.RUNNING
     run.succeed("p")
     assert run.state == SagaState.COMPLETED
-    assert run.send(DeadlinePassed()).ignored
+    ignored = run.send(DeadlinePassed()).ignored
+    assert ignored is not None and ignored.kind is IgnoreKind.SETTLED

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sagas.bench import start_redis, start_worker, stop_group, tree_pids
+from bench.run import start_redis, start_worker, stop_group, tree_pids
 
 INDEX = "ix_saga_instances_state_stall"
 
@@ -89,7 +89,7 @@ def store_bytes(engine: Any) -> int:
 
 def reconciler_plan(engine: Any) -> tuple[list[str], float]:
     """EXPLAIN of the reconciler's own query, compiled with its real parameters."""
-    from sagas.recovery import stalled_sagas
+    from sagas.runtime.recovery import stalled_sagas
 
     captured: list[tuple[str, Any]] = []
     from sqlalchemy import event
@@ -133,17 +133,17 @@ def run(args: argparse.Namespace, workdir: Path, say: Any) -> ScaleReport:
     import redis
     from sqlalchemy import func, select
 
-    from sagas.bench import _point_here
-    from sagas.models import SagaRow
+    from bench.run import _point_here
+    from sagas.store.schema import SagaRow
 
     redis_proc = worker = None
     try:
         redis_proc, redis_url = start_redis(workdir)
         database_url = args.database_url or f"sqlite:///{workdir}/scale.db"
         _point_here(redis_url, database_url, workdir)
-        from sagas.bench_tasks import bench_saga
-        from sagas.migrate import upgrade
-        from sagas.runtime import get_store, start_saga
+        from bench.app import bench_saga
+        from sagas.store.migrate import upgrade
+        from sagas.runtime.transitions import get_store, start_saga
 
         upgrade()
         store = get_store()

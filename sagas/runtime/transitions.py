@@ -1,4 +1,8 @@
-"""The engine's working loop: load a saga under lock, decide, record, commit, then publish."""
+"""The engine's working loop: load a saga under lock, decide, record, commit, then publish.
+
+Every function takes the ``Binding`` it works for: the app it publishes through, the store it
+records in and the sagas it decides with. Nothing here reads a process-wide default.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +10,41 @@ import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from sagas.coordinator import (
+    CancelRequested,
     Decision,
     Event,
+    Ignored,
+    IgnoreKind,
+    RetryRequested,
     SagaSnapshot,
     Started,
     StepSnapshot,
     decide,
 )
-from sagas.definition import Saga, get_saga
-from sagas.dispatch import publish
-from sagas.listeners import notify
-from sagas.settings import get_settings
+from sagas.definition import Saga
+from sagas.errors import SagaNotFoundError
+from sagas.observe.listeners import notify
+from sagas.runtime.binding import Binding
+from sagas.runtime.dispatch import publish
+from sagas.settings import SagaSettings
 from sagas.states import SAGA_SETTLED, SagaState, StepState
-from sagas.store import Store, deadline_after, input_digest
+from sagas.store.sql import deadline_after, input_digest
 
 log = logging.getLogger("sagas")
 
 
-@lru_cache(maxsize=4)
-def _store_for(url: str) -> Store:
-    return Store(url, echo=get_settings().sql_echo)
-
-
-def get_store() -> Store:
-    return _store_for(get_settings().database_url)
-
-
-def _stall_deadline(saga: Saga, snap: SagaSnapshot, decision: Decision) -> datetime | None:
+def _stall_deadline(
+    settings: SagaSettings, saga: Saga, snap: SagaSnapshot, decision: Decision
+) -> datetime | None:
     """When recovery should look at this saga if nothing more is heard from it."""
     if snap.state in SAGA_SETTLED:
         return None
-    settings = get_settings()
     in_flight = [
         s.name for s in snap.steps.values()
         if s.state in (StepState.RUNNING, StepState.COMPENSATING)
@@ -57,6 +58,7 @@ def _stall_deadline(saga: Saga, snap: SagaSnapshot, decision: Decision) -> datet
 
 
 def start_saga(
+    binding: Binding,
     saga: Saga | str,
     data: Any,
     *,
@@ -64,7 +66,7 @@ def start_saga(
     idempotency_key: str | None = None,
 ) -> str:
     """Record a new saga and publish its first steps; a duplicate start returns the first id."""
-    definition = saga if isinstance(saga, Saga) else get_saga(saga)
+    definition = saga if isinstance(saga, Saga) else binding.saga(saga)
     payload = definition.validate_input(data)
     # A freshly generated id without an idempotency key cannot be a duplicate: skip the lookup
     # (a collision would still fail the primary key and take the IntegrityError path below).
@@ -77,7 +79,7 @@ def start_saga(
         steps={n: StepSnapshot(n) for n in definition.order},
     )
     decision = decide(definition, snap, Started())
-    store = get_store()
+    store = binding.store
     deadline_at = deadline_after(definition.deadline) if definition.deadline else None
     try:
         with store.begin() as conn:
@@ -89,7 +91,7 @@ def start_saga(
                 return existing
             store.insert_new(
                 conn, snap, decision, idempotency_key=idempotency_key, digest=digest,
-                stall_deadline=_stall_deadline(definition, snap, decision),
+                stall_deadline=_stall_deadline(binding.settings, definition, snap, decision),
                 deadline_at=deadline_at,
             )
     except IntegrityError:
@@ -100,58 +102,59 @@ def start_saga(
             raise
         return existing
     notify(snap, decision, Started())
-    publish(definition, snap, decision.dispatches)
+    publish(binding, definition, snap, decision.dispatches)
     return saga_id
 
 
 def apply_event(
-    saga_id: str, event: Event, *, precondition: Callable[[Connection], str | None] | None = None
+    binding: Binding,
+    saga_id: str,
+    event: Event,
+    *,
+    precondition: Callable[[Connection], str | None] | None = None,
 ) -> Decision:
     """Apply one event to one saga; duplicates and late callbacks are logged and ignored.
 
     ``precondition`` runs under the saga's row lock before deciding; a reason it returns makes
     the event ignored (racing reconcilers re-check staleness there, so one re-drive wins).
     """
-    store = get_store()
+    store = binding.store
     with store.begin() as conn:
         snap = store.load(conn, saga_id)
         if snap is None:
             log.warning("event %r for unknown saga %s ignored", event, saga_id)
-            return Decision(ignored=f"unknown saga {saga_id}")
-        definition = get_saga(snap.name)
+            return Decision(ignored=Ignored(IgnoreKind.UNKNOWN_SAGA, f"unknown saga {saga_id}"))
+        definition = binding.saga(snap.name)
         refused = precondition(conn) if precondition is not None else None
-        decision = Decision(ignored=refused) if refused else decide(definition, snap, event)
+        if refused:
+            decision = Decision(ignored=Ignored(IgnoreKind.PRECONDITION, refused))
+        else:
+            decision = decide(definition, snap, event)
         started_at = None
         if decision.changed:
-            deadline = _stall_deadline(definition, snap, decision)
+            deadline = _stall_deadline(binding.settings, definition, snap, decision)
             started_at = store.save(conn, snap, decision, deadline)
     if decision.ignored:
         log.info("saga %s: %s ignored: %s", saga_id, type(event).__name__, decision.ignored)
     notify(snap, decision, event, started_at)  # listeners, after the commit
-    publish(definition, snap, decision.dispatches)
+    publish(binding, definition, snap, decision.dispatches)
     return decision
 
 
-def _require(saga_id: str) -> None:
-    from sagas.errors import SagaNotFoundError
-
-    store = get_store()
+def _require(binding: Binding, saga_id: str) -> None:
+    store = binding.store
     with store.read() as conn:
         if store.load(conn, saga_id, lock=False) is None:
             raise SagaNotFoundError(f"no saga with id {saga_id!r}")
 
 
-def retry_saga(saga_id: str) -> Decision:
+def retry_saga(binding: Binding, saga_id: str) -> Decision:
     """Resume a parked (COMPENSATION_FAILED) saga, or re-drive a stalled running one."""
-    from sagas.coordinator import RetryRequested
-
-    _require(saga_id)
-    return apply_event(saga_id, RetryRequested())
+    _require(binding, saga_id)
+    return apply_event(binding, saga_id, RetryRequested())
 
 
-def cancel_saga(saga_id: str, reason: str = "cancelled by operator") -> Decision:
+def cancel_saga(binding: Binding, saga_id: str, reason: str = "cancelled by operator") -> Decision:
     """A running saga compensates; refused once its pivot has succeeded."""
-    from sagas.coordinator import CancelRequested
-
-    _require(saga_id)
-    return apply_event(saga_id, CancelRequested(reason))
+    _require(binding, saga_id)
+    return apply_event(binding, saga_id, CancelRequested(reason))

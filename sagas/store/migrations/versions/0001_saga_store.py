@@ -8,7 +8,7 @@ Create Date: 2026-11-22
 import sqlalchemy as sa
 from alembic import op
 
-from sagas.models import Id, db_now
+from sagas.store.schema import Id, db_now
 
 revision = "sagas_0001"
 down_revision = None

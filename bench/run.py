@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sagas.localredis import free_port, start_redis_server
+from sagas.devtools.localredis import free_port, start_redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS, RAW = "saga", "raw"
@@ -61,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=2, help="prefork processes of the worker")
     p.add_argument("--in-flight", type=int, default=None, metavar="N",
                    help="instead: N sagas in flight at once; store size, reconciler plan, "
-                   "worker memory (see sagas.bench_scale)")
+                   "worker memory (see bench.scale)")
     p.add_argument("--database-url", default=None,
                    help="SQLAlchemy URL of the saga store (default: a private SQLite file)")
     p.add_argument("--redis-url", default=None,
@@ -267,8 +267,8 @@ def percentile(values: list[float], q: float) -> float:
 
 class Bench:
     def __init__(self, env: Env, args: argparse.Namespace, tick: Callable[[int], None]) -> None:
-        from sagas.bench_tasks import DONE_KEY, bench_saga, raw_chain
-        from sagas.runtime import start_saga
+        from bench.app import DONE_KEY, bench_saga, raw_chain
+        from sagas.runtime.transitions import start_saga
 
         self.env, self.args, self.tick = env, args, tick
         self.done_key = DONE_KEY
@@ -515,7 +515,7 @@ def bench_env(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[Env, st
             redis_proc, redis_url = start_redis(workdir)
         database_url = args.database_url or f"sqlite:///{workdir}/bench.db"
         _point_here(redis_url, database_url, workdir)
-        from sagas.migrate import upgrade
+        from sagas.store.migrate import upgrade
 
         upgrade()
         if not args.use_running_workers:
@@ -547,7 +547,7 @@ def _point_here(redis_url: str, database_url: str, workdir: Path) -> None:
 
     app.conf.broker_url = redis_url
     app.conf.result_backend = redis_url
-    from sagas.bench_tasks import install_counters
+    from bench.app import install_counters
 
     install_counters()  # the client's own statements (start_saga) are counted too
 
@@ -576,7 +576,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 def main(argv: list[str]) -> int:
     if any(a == "--in-flight" or a.startswith("--in-flight=") for a in argv):
-        from sagas.bench_scale import main as scale_main
+        from bench.scale import main as scale_main
 
         return scale_main(argv)
     from rich.console import Console

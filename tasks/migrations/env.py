@@ -4,7 +4,7 @@ connection = context.config.attributes["connection"]
 context.configure(
     connection=connection,
     render_as_batch=connection.dialect.name == "sqlite",
-    version_table="sagas_alembic_version",
+    version_table="orders_alembic_version",
 )
 with context.begin_transaction():
     context.run_migrations()

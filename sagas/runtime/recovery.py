@@ -15,67 +15,45 @@ a fresh deadline, so the losers of a race find nothing stale and dispatch nothin
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
-from celery import shared_task
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Connection, select, update
 
-from sagas.coordinator import DeadlinePassed, Redrive
-from sagas.errors import SagaError, StoreUnavailableError
-from sagas.runtime import apply_event, get_store
-from sagas.settings import get_settings
+from sagas.coordinator import DeadlinePassed, Event, IgnoreKind, Redrive
+from sagas.errors import OutageKind, StoreUnavailableError, outage_of
+from sagas.runtime.binding import Binding
+from sagas.runtime.dispatch import RECOVER_TASK
+from sagas.runtime.transitions import apply_event
+from sagas.settings import SagaSettings
 from sagas.states import SagaState
-from sagas.store import sagas_t, utcnow
+from sagas.store.sql import sagas_t, utcnow
 
 log = logging.getLogger("sagas.recovery")
 
-RECOVER_TASK = "sagas.recover_stalled"
 LIVE_STATES = (SagaState.PENDING, SagaState.RUNNING, SagaState.COMPENSATING)
 # Only a saga that has not passed its pivot can still be turned back by its deadline.
 DEADLINE_STATES = (SagaState.PENDING, SagaState.RUNNING)
 
 
-class RecoverySettings(BaseSettings):
-    """How often and how much the reconciler works (environment: RECOVERY_INTERVAL, ...)."""
-
-    model_config = SettingsConfigDict(extra="ignore")
-
-    recovery_interval: float = Field(
-        5.0, gt=0, description="Seconds between two beat-scheduled reconciler runs"
-    )
-    recovery_batch: int = Field(
-        500, gt=0, description="Most sagas one reconciler run re-drives (oldest deadline first)"
-    )
+BEAT_ENTRY = "sagas-recover-stalled"
 
 
-@lru_cache(maxsize=1)
-def get_recovery_settings() -> RecoverySettings:
-    return RecoverySettings()
-
-
-def beat_schedule() -> dict[str, dict[str, Any]]:
-    """The Celery beat entry (``celery -A config beat``): one reconciler run per interval.
+def beat_entry(settings: SagaSettings) -> dict[str, Any]:
+    """The Celery beat entry (``celery -A yourapp beat``): one reconciler run per interval.
 
     ``expires`` drops runs that waited longer than one interval in a backlog: the next tick
     does the same work, so stale ones would only pile up.
     """
-    interval = get_recovery_settings().recovery_interval
+    interval = settings.recovery_interval
     return {
-        "sagas-recover-stalled": {
-            "task": RECOVER_TASK,
-            "schedule": interval,
-            "options": {"queue": get_settings().saga_queue, "expires": max(interval, 1.0)},
-        }
+        "task": RECOVER_TASK,
+        "schedule": interval,
+        "options": {"queue": settings.saga_queue, "expires": max(interval, 1.0)},
     }
 
 
@@ -134,7 +112,10 @@ def overdue_sagas(conn: Connection, now: datetime, limit: int) -> list[str]:
     return [str(r.id) for r in rows]
 
 
-def _still_stalled(saga_id: str, now: datetime) -> Any:
+Precondition = Callable[[Connection], str | None]
+
+
+def _still_stalled(saga_id: str, now: datetime) -> Precondition:
     def check(conn: Connection) -> str | None:
         row = conn.execute(
             select(sagas_t.c.stall_deadline).where(sagas_t.c.id == saga_id)
@@ -148,7 +129,7 @@ def _still_stalled(saga_id: str, now: datetime) -> Any:
     return check
 
 
-def _still_overdue(saga_id: str, now: datetime) -> Any:
+def _still_overdue(saga_id: str, now: datetime) -> Precondition:
     def check(conn: Connection) -> str | None:
         row = conn.execute(select(sagas_t.c.deadline_at).where(sagas_t.c.id == saga_id)).first()
         if row is None or row.deadline_at is None or _aware(row.deadline_at) >= now:
@@ -158,21 +139,14 @@ def _still_overdue(saga_id: str, now: datetime) -> Any:
     return check
 
 
-def _forget_deadline(saga_id: str) -> None:
+def _forget_deadline(binding: Binding, saga_id: str) -> None:
     """A saga past its pivot goes forward: stop looking at its deadline on every run."""
-    store = get_store()
-    with store.begin() as conn:
+    with binding.store.begin() as conn:
         conn.execute(update(sagas_t).where(sagas_t.c.id == saga_id).values(deadline_at=None))
 
 
-def _is_broker_down(exc: BaseException) -> bool:
-    import redis.exceptions
-    from kombu.exceptions import OperationalError
-
-    return isinstance(exc, OperationalError | redis.exceptions.ConnectionError)
-
-
 def recover_stalled(
+    binding: Binding,
     now: datetime | None = None, limit: int | None = None, *, dry_run: bool = False
 ) -> RecoveryReport:
     """One reconciler pass: compensate sagas past their deadline, re-drive stalled ones.
@@ -182,9 +156,9 @@ def recover_stalled(
     """
     started = time.monotonic()
     now = now or utcnow()
-    limit = limit or get_recovery_settings().recovery_batch
+    limit = limit or binding.settings.recovery_batch
     report = RecoveryReport(dry_run=dry_run)
-    store = get_store()
+    store = binding.store
     with store.read() as conn:
         overdue = overdue_sagas(conn, now, limit)
         stalled = stalled_sagas(conn, now, limit)
@@ -196,25 +170,25 @@ def recover_stalled(
         report.deadline_compensated = overdue
         report.duration_s = time.monotonic() - started
         return report
-    work: list[tuple[str, Any, Any]] = [
+    work: list[tuple[str, Event, Precondition]] = [
         (saga_id, DeadlinePassed(), _still_overdue(saga_id, now)) for saga_id in overdue
     ] + [(saga_id, Redrive(), _still_stalled(saga_id, now)) for saga_id, _ in stalled]
     for saga_id, event, precondition in work:
         try:
-            decision = apply_event(saga_id, event, precondition=precondition)
+            decision = apply_event(binding, saga_id, event, precondition=precondition)
         except StoreUnavailableError:
             raise
         except Exception as exc:
             report.errors.append(f"{saga_id}: {type(exc).__name__}: {exc}")
             log.error("recovery of saga %s failed: %s", saga_id, exc)
-            if _is_broker_down(exc):
+            outage = outage_of(exc)
+            if outage is not None and outage.kind is OutageKind.BROKER:
                 break
             continue
-        if decision.ignored:
+        if decision.ignored is not None:
             report.skipped += 1
-            if isinstance(event, DeadlinePassed) and "pivot step" in decision.ignored \
-                    and "can only go forward" in decision.ignored:
-                _forget_deadline(saga_id)
+            if decision.ignored.kind is IgnoreKind.PAST_PIVOT:
+                _forget_deadline(binding, saga_id)
         elif isinstance(event, DeadlinePassed):
             report.deadline_compensated.append(saga_id)
         else:
@@ -225,43 +199,3 @@ def recover_stalled(
     if report.redriven or report.deadline_compensated or report.errors:
         log.warning(report.summary())
     return report
-
-
-@shared_task(name=RECOVER_TASK, ignore_result=True)
-def recover_stalled_task() -> dict[str, Any]:
-    """Beat's entry point; runs on the saga queue like the coordinator's other tasks."""
-    return recover_stalled().as_dict()
-
-
-def _import_worker_modules() -> None:
-    """Know every saga a worker knows: the app's ``imports`` (SAGAS_IMPORTS) define sagas too."""
-    from celery import current_app
-
-    current_app.loader.import_default_modules()
-
-
-def main(argv: list[str]) -> int:
-    """``sagas recover``: one reconciler pass by hand; a one-line summary (or ``--json``)."""
-    parser = argparse.ArgumentParser(
-        prog="sagas recover",
-        description="Re-drive sagas that made no progress past their deadline; compensate "
-                    "sagas past their own deadline. Safe beside the beat-scheduled reconciler.",
-    )
-    parser.add_argument("--limit", type=int, default=None,
-                        help="most sagas to re-drive (default RECOVERY_BATCH)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list what would be re-driven, change nothing")
-    parser.add_argument("--json", action="store_true", dest="as_json",
-                        help="print the report as JSON")
-    args = parser.parse_args(argv)
-    _import_worker_modules()
-    try:
-        report = recover_stalled(limit=args.limit, dry_run=args.dry_run)
-    except SagaError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 3 if isinstance(exc, StoreUnavailableError) else 1
-    if args.as_json:
-        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
-    else:
-        sys.stdout.write(report.summary() + "\n")
-    return 1 if report.errors else 0

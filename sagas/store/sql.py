@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,15 +39,18 @@ from sqlalchemy.pool import NullPool
 
 from sagas.coordinator import Decision, SagaSnapshot, StepSnapshot
 from sagas.errors import IdempotencyConflictError, SagaNotFoundError, StoreUnavailableError
-from sagas.models import EventRow, SagaRow, StepRow, db_now
-from sagas.outbox import insert_outbox
-from sagas.prepared import PreparedSet
-from sagas.prepared import execute as run
 from sagas.states import SAGA_SETTLED, SagaState, StepState
+from sagas.store.outbox import insert_outbox
+from sagas.store.prepared import PreparedSet
+from sagas.store.prepared import execute as run
+from sagas.store.schema import EventRow, SagaRow, StepRow, db_now
 
 sagas_t = SagaRow.__table__
 steps_t = StepRow.__table__
 events_t = EventRow.__table__
+
+READ_ONLY = "sagas_read_only"
+"""Execution option of a read transaction: on SQLite it begins without the write lock."""
 
 _engines: dict[tuple[int, str], Engine] = {}
 _engines_lock = threading.Lock()
@@ -99,14 +102,17 @@ def _make_engine(url: str, echo: bool) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _sqlite_begin(conn: Connection) -> None:
-        # On the driver directly: through exec_driver_sql this one statement cost ~30 us of
-        # SQLAlchemy bookkeeping per transaction. A timeout still surfaces as OperationalError.
+        # Writers take the write lock up front (BEGIN IMMEDIATE), so two transitions never
+        # deadlock upgrading a read lock; readers (Store.read) begin deferred and never wait
+        # on, nor block, a writer in WAL mode. On the driver directly: exec_driver_sql cost
+        # ~30 us of bookkeeping per transaction. A timeout still surfaces as OperationalError.
+        statement = "BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE"
         dbapi_conn = conn.connection.dbapi_connection
         try:
-            dbapi_conn.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+            dbapi_conn.execute(statement)  # type: ignore[union-attr]
         except sqlite3.Error as exc:
             raise DBAPIError.instance(
-                "BEGIN IMMEDIATE", (), exc, sqlite3.Error, dialect=conn.dialect
+                statement, (), exc, sqlite3.Error, dialect=conn.dialect
             ) from exc
 
     return engine
@@ -211,7 +217,7 @@ HOT = PreparedSet({
     "update_saga_state": (_UPDATE_SAGA_STATE, None),
     "settle_saga": (_UPDATE_SAGA_SETTLE, None),
 })
-"""The statements every transition runs, on the DBAPI cursor (see ``sagas.prepared``)."""
+"""The statements every transition runs, on the DBAPI cursor (see ``sagas.store.prepared``)."""
 
 _STARTING = {StepState.RUNNING, StepState.COMPENSATING}
 _FINISHED = {
@@ -220,10 +226,21 @@ _FINISHED = {
 }
 
 
+StepOrder = Callable[[str], Sequence[str] | None]
+"""A saga name's step order (its definition's topological order), or None when unknown."""
+
+
 class Store:
-    def __init__(self, url: str, echo: bool = False) -> None:
+    """The saga tables of one database: the engine's only way to read and write them."""
+
+    def __init__(
+        self, url: str, *, echo: bool = False, outbox: bool = True,
+        step_order: StepOrder | None = None,
+    ) -> None:
         self.url = url
         self.echo = echo
+        self.outbox = outbox
+        self.step_order = step_order
         self.dialect = make_url(url).get_backend_name()
 
     @property
@@ -241,7 +258,7 @@ class Store:
     @contextmanager
     def read(self) -> Iterator[Connection]:
         try:
-            with self.engine.connect() as conn:
+            with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
                 yield conn
         except OperationalError as exc:
             raise StoreUnavailableError(f"saga store unavailable: {exc.orig}") from exc
@@ -295,7 +312,8 @@ class Store:
             ],
         )
         self._insert_events(conn, snap.id, decision)
-        insert_outbox(conn, snap, decision)
+        if self.outbox:
+            insert_outbox(conn, snap, decision)
 
     def load(self, conn: Connection, saga_id: str, lock: bool = True) -> SagaSnapshot | None:
         params = {"b_saga_id": saga_id}
@@ -343,7 +361,8 @@ class Store:
                 ],
             )
         self._insert_events(conn, snap.id, decision)
-        insert_outbox(conn, snap, decision)
+        if self.outbox:
+            insert_outbox(conn, snap, decision)
         params: dict[str, Any] = {
             "b_saga_id": snap.id,
             "b_stall": None if snap.state in SAGA_SETTLED else stall_deadline,
@@ -382,7 +401,7 @@ class Store:
             events = conn.execute(
                 select(events_t).where(events_t.c.saga_id == saga_id).order_by(events_t.c.id)
             ).all()
-        order = _step_order(saga.name, [s.name for s in steps])
+        order = self._step_order(saga.name, [s.name for s in steps])
         by_name = {s.name: s for s in steps}
         return {
             "id": saga.id,
@@ -443,6 +462,18 @@ class Store:
             for r in rows
         ], total
 
+    def saga_states(self, saga_ids: Sequence[str]) -> dict[str, str]:
+        """The state of each known id, in one query per 500 ids; unknown ids are absent."""
+        ids = list(dict.fromkeys(saga_ids))
+        out: dict[str, str] = {}
+        with self.read() as conn:
+            for i in range(0, len(ids), 500):
+                rows = conn.execute(
+                    select(sagas_t.c.id, sagas_t.c.state).where(sagas_t.c.id.in_(ids[i:i + 500]))
+                ).all()
+                out.update({str(r.id): str(r.state) for r in rows})
+        return out
+
     def step_states(self, saga_ids: list[str]) -> dict[str, dict[str, str]]:
         with self.read() as conn:
             rows = conn.execute(
@@ -455,22 +486,17 @@ class Store:
             out.setdefault(r.saga_id, {})[r.name] = r.state
         return out
 
+    def _step_order(self, saga_name: str, names: list[str]) -> list[str]:
+        known_order = self.step_order(saga_name) if self.step_order is not None else None
+        known = [n for n in known_order or () if n in names]
+        return known + sorted(n for n in names if n not in known)
+
     def counts_by_state(self) -> dict[str, int]:
         with self.read() as conn:
             rows = conn.execute(
                 select(sagas_t.c.state, func.count()).group_by(sagas_t.c.state)
             ).all()
         return {r[0]: int(r[1]) for r in rows}
-
-
-def _step_order(saga_name: str, names: list[str]) -> list[str]:
-    from sagas.definition import registered_sagas
-
-    saga = registered_sagas().get(saga_name)
-    if saga is None:
-        return sorted(names)
-    known = [n for n in saga.order if n in names]
-    return known + sorted(n for n in names if n not in known)
 
 
 def _iso(value: datetime | None) -> str | None:

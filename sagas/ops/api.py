@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from celery import Celery
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sagas.coordinator import Ignored
+from sagas.engine import Sagas
 from sagas.errors import (
     IdempotencyConflictError,
     InvalidSagaInputError,
@@ -29,7 +30,9 @@ from sagas.errors import (
     SagaNotFoundError,
     SagaStateError,
     StoreUnavailableError,
+    outage_of,
 )
+from sagas.store.sql import Store
 from sagas.states import SagaState
 
 log = logging.getLogger("sagas.api")
@@ -170,13 +173,12 @@ class AdminAuth:
 
 
 # --- health ------------------------------------------------------------------
-def check_database() -> str:
+def check_database(store: Store) -> str:
     """'ok', or why not: reads the saga table, so an unmigrated database is not healthy."""
-    from sagas.models import SagaRow
-    from sagas.runtime import get_store
+    from sagas.store.schema import SagaRow
 
     try:
-        with get_store().read() as conn:
+        with store.read() as conn:
             conn.execute(select(SagaRow.id).limit(1)).all()
     except Exception as exc:
         log.warning("health: database: %s", exc)
@@ -184,7 +186,7 @@ def check_database() -> str:
     return "ok"
 
 
-def check_broker(celery_app: Celery, timeout: float = 3.0) -> str:
+def check_broker(celery_app: Any, timeout: float = 3.0) -> str:
     """'ok' when a broker connection can be made within ``timeout`` seconds."""
     try:
         with celery_app.connection_for_write() as conn:
@@ -211,8 +213,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def saga_router(celery_app: Celery, auth: AdminAuth) -> APIRouter:
-    """Routes under /sagas plus /healthz for any application built on the engine."""
+def saga_router(engine: Sagas, auth: AdminAuth) -> APIRouter:
+    """Routes under /sagas plus /healthz for any application bound with ``Sagas(app)``."""
     router = APIRouter()
     read = [Depends(auth.reader())]
     admin = [Depends(auth.admin())]
@@ -222,8 +224,8 @@ def saga_router(celery_app: Celery, auth: AdminAuth) -> APIRouter:
                 responses={503: {"model": Health, "description": "Something is down"}})
     def healthz() -> JSONResponse:
         """Database and broker reachability; 503 when either is down (for load balancers)."""
-        database = check_database()
-        broker = check_broker(celery_app)
+        database = check_database(engine.store)
+        broker = check_broker(engine.app)
         ok = database == "ok" and broker == "ok"
         body = Health(status="ok" if ok else "unavailable", database=database, broker=broker)
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
@@ -237,9 +239,7 @@ def saga_router(celery_app: Celery, auth: AdminAuth) -> APIRouter:
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> SagaPage:
         """Sagas, newest first."""
-        from sagas.runtime import get_store
-
-        rows, total = get_store().list_sagas(
+        rows, total = engine.store.list_sagas(
             state=str(state) if state else None, name=name, limit=limit, offset=offset
         )
         return SagaPage(total=total, limit=limit, offset=offset,
@@ -249,34 +249,28 @@ def saga_router(celery_app: Celery, auth: AdminAuth) -> APIRouter:
                 responses={k: _ERRORS[k] for k in (401, 403, 404, 503)})
     def show_saga(saga_id: Annotated[str, SAGA_ID]) -> dict[str, Any]:
         """Steps with state, attempts, timestamps and errors; context; history."""
-        from sagas.runtime import get_store
-
-        return get_store().get_view(saga_id)
+        return engine.store.get_view(saga_id)
 
     @router.post("/sagas/{saga_id}/retry", response_model=ActionResult, tags=["sagas"],
                  status_code=status.HTTP_202_ACCEPTED, dependencies=admin, responses=_ERRORS)
     def retry(saga_id: Annotated[str, SAGA_ID]) -> ActionResult:
         """Resume a COMPENSATION_FAILED saga's rollback, or re-drive a stalled running one."""
-        from sagas.runtime import retry_saga
-
-        return _acted(saga_id, "retry", retry_saga(saga_id).ignored)
+        return _acted(engine, saga_id, "retry", engine.retry(saga_id).ignored)
 
     @router.post("/sagas/{saga_id}/cancel", response_model=ActionResult, tags=["sagas"],
                  status_code=status.HTTP_202_ACCEPTED, dependencies=admin, responses=_ERRORS)
     def cancel(saga_id: Annotated[str, SAGA_ID]) -> ActionResult:
         """A running saga compensates what it did; refused (409) once its pivot succeeded."""
-        from sagas.runtime import cancel_saga
-
-        return _acted(saga_id, "cancel", cancel_saga(saga_id, "cancelled through the API").ignored)
+        decision = engine.cancel(saga_id, "cancelled through the API")
+        return _acted(engine, saga_id, "cancel", decision.ignored)
 
     return router
 
 
-def _acted(saga_id: str, action: str, ignored: str | None) -> ActionResult:
-    from sagas.runtime import get_store
-
-    state = get_store().get_view(saga_id)["state"]
-    return ActionResult(id=saga_id, action=action, state=state, note=ignored)
+def _acted(engine: Sagas, saga_id: str, action: str, ignored: Ignored | None) -> ActionResult:
+    state = engine.handle(saga_id).state
+    note = None if ignored is None else ignored.detail
+    return ActionResult(id=saga_id, action=action, state=state, note=note)
 
 
 # --- errors and limits -------------------------------------------------------
@@ -286,17 +280,8 @@ def _problem(code: int, detail: str, headers: dict[str, str] | None = None) -> J
 
 def unavailable_reason(exc: BaseException) -> str | None:
     """'database' or 'broker' when ``exc`` means that server is unreachable, else None."""
-    import redis.exceptions
-    import sqlalchemy.exc
-    from kombu.exceptions import OperationalError as KombuOperationalError
-
-    if isinstance(exc, StoreUnavailableError | sqlalchemy.exc.OperationalError
-                  | sqlalchemy.exc.InterfaceError):
-        return "database"
-    if isinstance(exc, KombuOperationalError | redis.exceptions.ConnectionError
-                  | redis.exceptions.TimeoutError | ConnectionError):
-        return "broker"
-    return None
+    outage = outage_of(exc)
+    return None if outage is None else str(outage.kind)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -397,3 +382,22 @@ class BodySizeLimit:
     async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
         response = _problem(413, f"request body over {limit} bytes")
         await response(scope, receive, send)
+
+
+# --- metrics -----------------------------------------------------------------
+def metrics_router(engine: Sagas) -> APIRouter:
+    """``/metrics`` in Prometheus text; ``sagas_in_flight`` counts ``engine``'s store."""
+    from fastapi import Response
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    from sagas.observe import metrics
+
+    metrics.count_in_flight_of(lambda: engine.store)
+    router = APIRouter(tags=["observability"])
+
+    @router.get("/metrics", include_in_schema=False)
+    def metrics_endpoint() -> Response:
+        """Prometheus text format."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return router

@@ -14,59 +14,21 @@ Built-ins, chosen by ``SAGAS_LISTENERS`` (default ``metrics``): ``metrics`` (Pro
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from sagas.runtime.message import StepContext
 
 log = logging.getLogger("sagas.listeners")
 
-_STEP_KEYS = frozenset({"saga_id", "saga", "step", "phase", "idempotency_key"})
 _IN_FLIGHT = frozenset({"RUNNING", "COMPENSATING"})
-
-
-class ObservabilitySettings(BaseSettings):
-    """Settings of listeners, metrics, outbox and dashboard (environment variables)."""
-
-    model_config = SettingsConfigDict(extra="ignore")
-
-    sagas_listeners: str = Field(
-        "metrics", description="Comma-separated built-ins (metrics, json_log, tracing) or "
-        "dotted paths module:Class of listeners every process registers",
-    )
-    sagas_outbox: bool = Field(True, description="Write lifecycle events to the outbox table")
-    sagas_outbox_broker_url: str | None = Field(
-        None, description="Broker the outbox relay publishes to (default: REDIS_URL)"
-    )
-    sagas_outbox_batch: int = Field(100, description="Rows the relay claims per batch")
-    sagas_outbox_max_attempts: int = Field(
-        10, description="Publish attempts before an outbox row is dead-lettered"
-    )
-    sagas_outbox_interval: float = Field(0.5, description="Relay poll interval when idle (s)")
-    sagas_outbox_retention: float = Field(
-        7 * 24 * 3600.0, description="Sent outbox rows older than this are deleted (s)"
-    )
-    sagas_metrics_port: int | None = Field(
-        None, description="A worker's main process serves /metrics on this port (multiprocess)"
-    )
-    flower_url: str = Field(
-        "http://127.0.0.1:5555", description="Base URL of Flower, for the dashboard's links"
-    )
-
-
-@lru_cache(maxsize=1)
-def get_observability_settings() -> ObservabilitySettings:
-    return ObservabilitySettings()
 
 
 # --- what listeners receive --------------------------------------------------------------
@@ -154,47 +116,34 @@ _lock = threading.RLock()
 _current_attempt: ContextVar[StepAttempt | None] = ContextVar("sagas_attempt", default=None)
 
 
-def _builtin(name: str) -> SagaListener:
-    if name == "json_log":
-        return JsonLogListener()
-    if name == "metrics":
-        from sagas.metrics import MetricsListener
-
-        return MetricsListener()
-    if name == "tracing":
-        from sagas.tracing import TracingListener
-
-        return TracingListener()
-    module, _, attr = name.partition(":")
-    if not attr:
-        raise ValueError(f"unknown listener {name!r}: use a built-in name or module:Class")
-    factory = getattr(importlib.import_module(module), attr)
-    return factory()
-
-
 def _overrides(listener: SagaListener, *hooks: str) -> bool:
     return any(getattr(type(listener), h) is not getattr(SagaListener, h) for h in hooks)
 
 
-def configure(names: Iterable[str] | None = None) -> tuple[SagaListener, ...]:
-    """Build this process's listeners from settings (idempotent); returns the active ones."""
-    global _active
-    with _lock:
-        if _active is not None and names is None:
-            return _active
-        if names is None:
-            names = [n.strip() for n in get_observability_settings().sagas_listeners.split(",")]
-        built: list[SagaListener] = []
-        wanted = [n for n in names if n]
-        from sagas import tracing
+Builder = Callable[[], Iterable[SagaListener]]
+_builder: Builder | None = None
 
-        if tracing.configure_from_env() and "tracing" not in wanted:
-            wanted.append("tracing")
-        for name in dict.fromkeys(wanted):
+
+def configure(builder: Builder | None = None) -> tuple[SagaListener, ...]:
+    """Build this process's listeners (idempotent); returns the active ones.
+
+    ``builder`` (given by ``Sagas(app, settings)``, see ``sagas.observe.setup``) makes the
+    listeners its settings name; it runs again in each forked worker process, so exporters and
+    threads belong to the process that uses them. Without one, only code-registered listeners
+    are active.
+    """
+    global _active, _builder
+    with _lock:
+        if builder is not None:
+            _builder = builder
+        elif _active is not None:
+            return _active
+        built: list[SagaListener] = []
+        if _builder is not None:
             try:
-                built.append(_builtin(name))
+                built = list(_builder())
             except Exception:
-                log.exception("listener %r could not be set up; it is left out", name)
+                log.exception("listeners could not be set up; only registered ones are active")
         # A built-in already registered from code (tracing.enable) is not built twice.
         built = [b for b in built if not any(type(r) is type(b) for r in _registered)]
         _active = (*built, *_registered)
@@ -307,21 +256,17 @@ def _events(
 
 
 # --- attempt hooks: Celery signals, connected only when a listener wants them -------------
-def _step_context(args: Any) -> dict[str, Any] | None:
-    if args and len(args) == 1 and isinstance(args[0], dict) and args[0].keys() >= _STEP_KEYS:
-        return args[0]
-    return None
 
 
 def _on_prerun(sender: Any = None, task_id: str = "", task: Any = None, args: Any = None,
                **_: Any) -> None:
-    ctx = _step_context(args)
+    ctx = StepContext.from_args(args)
     if ctx is None or task is None:
         return
     retries = int(getattr(task.request, "retries", 0) or 0)
     attempt = StepAttempt(
-        saga_id=ctx["saga_id"], saga=ctx["saga"], step=ctx["step"], phase=ctx["phase"],
-        attempt=int(ctx.get("attempt", 1)) + retries, task_id=task_id, task=task,
+        saga_id=ctx.saga_id, saga=ctx.saga, step=ctx.step, phase=ctx.phase,
+        attempt=ctx.attempt + retries, task_id=task_id, task=task,
     )
     _current_attempt.set(attempt)
     for listener in _active or ():
@@ -381,39 +326,11 @@ def _worker_process_init(**_: Any) -> None:
     configure()
 
 
-def _worker_init(**_: Any) -> None:
-    configure()
-
-
-def _worker_ready(sender: Any = None, **_: Any) -> None:
-    from sagas.metrics import serve_worker_metrics
-
-    serve_worker_metrics()
-
-
-def _worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
-    from sagas import tracing
-    from sagas.metrics import mark_process_dead
-
-    tracing.shutdown()
-    mark_process_dead()
-
-
 def _wire_worker_signals() -> None:
-    from celery.signals import (
-        worker_init,
-        worker_process_init,
-        worker_process_shutdown,
-        worker_ready,
-    )
+    from celery.signals import worker_process_init
 
-    worker_init.connect(_worker_init, weak=False, dispatch_uid="sagas.listeners.worker_init")
     worker_process_init.connect(
         _worker_process_init, weak=False, dispatch_uid="sagas.listeners.worker_process_init"
-    )
-    worker_ready.connect(_worker_ready, weak=False, dispatch_uid="sagas.listeners.worker_ready")
-    worker_process_shutdown.connect(
-        _worker_process_shutdown, weak=False, dispatch_uid="sagas.listeners.process_shutdown"
     )
 
 

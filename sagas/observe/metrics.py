@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from fastapi import APIRouter, Response
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
@@ -27,8 +25,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy import func, select
 
-from sagas.listeners import SagaListener, StepAttempt, TransitionEvent
+from sagas.observe.listeners import SagaListener, StepAttempt, TransitionEvent
+from sagas.store.sql import Store, sagas_t
 
 log = logging.getLogger("sagas.metrics")
 
@@ -99,15 +99,27 @@ class MetricsListener(SagaListener):
         hist.labels(attempt.saga, attempt.step, attempt.outcome or "failed").observe(duration)
 
 
+StoreSource = Callable[[], Store]
+_in_flight_source: StoreSource | None = None
+
+
+def count_in_flight_of(source: StoreSource | None) -> None:
+    """The store whose sagas ``sagas_in_flight`` counts at scrape time (the web app's engine)."""
+    global _in_flight_source
+    _in_flight_source = source
+
+
 class InFlightCollector(Collector):
     """``sagas_in_flight{state}`` from the store at scrape time (one indexed GROUP BY)."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        if _in_flight_source is None:
+            return
         gauge = GaugeMetricFamily(
             "sagas_in_flight", "Sagas not finished, per state (parked included)", labels=["state"]
         )
         try:
-            counts = in_flight_counts()
+            counts = in_flight_counts(_in_flight_source())
         except Exception as exc:  # a scrape must not fail because the database blinked
             log.warning("sagas_in_flight unavailable: %s", exc)
             return
@@ -116,13 +128,7 @@ class InFlightCollector(Collector):
         yield gauge
 
 
-def in_flight_counts() -> dict[str, int]:
-    from sqlalchemy import func, select
-
-    from sagas.runtime import get_store
-    from sagas.store import sagas_t
-
-    store = get_store()
+def in_flight_counts(store: Store) -> dict[str, int]:
     with store.read() as conn:
         rows = conn.execute(
             select(sagas_t.c.state, func.count())
@@ -161,27 +167,15 @@ def render() -> bytes:
     return generate_latest(scrape_registry())
 
 
-router = APIRouter(tags=["observability"])
-
-
-@router.get("/metrics", include_in_schema=False)
-def metrics_endpoint() -> Response:
-    """Prometheus text format."""
-    return Response(render(), media_type=CONTENT_TYPE_LATEST)
-
-
 # --- workers -------------------------------------------------------------------------------
 _served = False
 
 
-def serve_worker_metrics(port: int | None = None, addr: str = "0.0.0.0") -> bool:
+def serve_worker_metrics(port: int | None, addr: str = "0.0.0.0") -> bool:
     """In a worker's main process: serve the pool's aggregated metrics on ``port``."""
     global _served
     from prometheus_client import start_http_server
 
-    from sagas.listeners import get_observability_settings
-
-    port = port or get_observability_settings().sagas_metrics_port
     if not port or _served:
         return False
     if not multiprocess_dir():

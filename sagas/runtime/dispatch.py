@@ -1,9 +1,9 @@
-"""Turning decided dispatches into Celery messages.
+"""Turning decided dispatches into Celery messages, published through the binding's own app.
 
 A step message carries the saga context as its one argument (so Flower shows saga id and step),
 a ``link_error`` to the coordinator's failure handler on the saga queue (a ``bind=True`` task, so
 Celery sends it as a message rather than calling it inline), and, only for tasks the engine
-cannot run inline, a ``link`` to the coordinator's success handler. Tasks built on ``SagaTask``
+cannot run inline, a ``link`` to the coordinator's success handler. Tasks the engine wraps
 record their own success where they ran and publish what became ready: one broker message per
 step, like a plain chain.
 """
@@ -12,58 +12,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, current_app
+from celery import Celery
 from celery.canvas import Signature
 
-from sagas import tracing
 from sagas.coordinator import ACTION, Dispatch, SagaSnapshot
 from sagas.definition import Saga
-from sagas.settings import get_settings
+from sagas.observe import tracing
+from sagas.runtime.binding import Binding
+from sagas.runtime.message import StepContext, step_task_id
 
 STEP_FAILED_TASK = "sagas.step_failed"
 STEP_SUCCEEDED_TASK = "sagas.step_succeeded"
+START_TASK = "sagas.start"
+RECOVER_TASK = "sagas.recover_stalled"
 TIME_LIMIT_HARD_MARGIN = 5.0
-
-
-def step_task_id(saga_id: str, step: str, phase: str, attempt: int) -> str:
-    """Readable task ids: searching a saga id in Flower finds all of its tasks."""
-    return f"{saga_id}.{step}.{'do' if phase == ACTION else 'undo'}.{attempt}"
-
-
-def idempotency_key(saga_id: str, step: str) -> str:
-    return f"{saga_id}:{step}"
-
-
-def build_context(
-    saga: Saga, snap: SagaSnapshot, dispatch: Dispatch, inline: bool
-) -> dict[str, Any]:
-    return {
-        "saga_id": snap.id,
-        "saga": saga.name,
-        "step": dispatch.step,
-        "phase": dispatch.phase,
-        "attempt": dispatch.attempt,
-        "idempotency_key": idempotency_key(snap.id, dispatch.step),
-        "after_pivot": dispatch.step in saga.after_pivot,
-        "inline": inline,
-        "input": snap.input,
-        "results": snap.results(),
-    }
+INLINE_MARK = "__sagas_inline__"
+"""Attribute the engine sets on a task it wraps: such a task records its own outcome."""
 
 
 def runs_inline(app: Celery, name: str) -> bool:
-    from sagas.worker import SagaTask
-
     task = app.tasks.get(name)
-    return isinstance(task, SagaTask)
+    return task is not None and bool(getattr(task, INLINE_MARK, False))
 
 
-def build_signature(app: Celery, saga: Saga, snap: SagaSnapshot, dispatch: Dispatch) -> Signature:
+def build_signature(
+    app: Celery, saga_queue: str, saga: Saga, snap: SagaSnapshot, dispatch: Dispatch
+) -> Signature:
     step = saga.steps[dispatch.step]
     name = step.action_name if dispatch.phase == ACTION else step.compensation_name
     assert name is not None, "a compensation is only dispatched when the step declares one"
     inline = runs_inline(app, name)
-    saga_queue = get_settings().saga_queue
     options: dict[str, Any] = {
         "queue": step.target_queue,
         "task_id": step_task_id(snap.id, dispatch.step, dispatch.phase, dispatch.attempt),
@@ -91,17 +69,23 @@ def build_signature(app: Celery, saga: Saga, snap: SagaSnapshot, dispatch: Dispa
         f"'attempt': {dispatch.attempt}}},)"
     )
     options["kwargsrepr"] = "{}"
-    context = build_context(saga, snap, dispatch, inline)
+    context = StepContext.build(
+        saga_id=snap.id, saga=saga.name, step=dispatch.step, phase=dispatch.phase,
+        attempt=dispatch.attempt, after_pivot=dispatch.step in saga.after_pivot,
+        inline=inline, input=snap.input, results=snap.results(),
+    )
     return app.signature(name, args=(context,), **options)
 
 
 def publish(
-    saga: Saga, snap: SagaSnapshot, dispatches: list[Dispatch], app: Celery | None = None
+    binding: Binding, saga: Saga, snap: SagaSnapshot, dispatches: list[Dispatch]
 ) -> None:
+    """Send the dispatched steps through the binding's app (never ``current_app``)."""
     if not dispatches:
         return
-    app = app or current_app
-    signatures = [build_signature(app, saga, snap, d) for d in dispatches]
+    app = binding.app
+    queue = binding.settings.saga_queue
+    signatures = [build_signature(app, queue, saga, snap, d) for d in dispatches]
     if len(signatures) == 1:
         signatures[0].apply_async()
         return

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy import func, or_, select
 
-from sagas.dispatch import step_task_id
+from sagas.definition import Saga
+from sagas.engine import Sagas
 from sagas.errors import SagaNotFoundError
-from sagas.listeners import get_observability_settings
+from sagas.runtime.message import step_task_id
+from sagas.store.sql import _iso, sagas_t
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"])
 
@@ -27,15 +29,26 @@ _ACTION_END = {"SUCCEEDED": "succeeded", "FAILED": "failed"}
 _COMP_END = {"COMPENSATED": "compensated", "COMPENSATION_FAILED": "compensation_failed"}
 
 
-def _store() -> Any:
-    from sagas.runtime import get_store
+ENGINE_STATE = "sagas_engine"
 
-    return get_store()
+
+def install(app: Any, engine: Sagas) -> None:
+    """Serve the dashboard of ``engine`` in the FastAPI ``app``."""
+    setattr(app.state, ENGINE_STATE, engine)
+    app.include_router(router)
+
+
+def _engine(request: Request) -> Sagas:
+    engine = getattr(request.app.state, ENGINE_STATE, None)
+    if not isinstance(engine, Sagas):
+        raise HTTPException(500, "the dashboard was mounted without an engine: use install()")
+    return engine
 
 
 # --- JSON ------------------------------------------------------------------------------------
 @router.get("/api/sagas")
 def api_sagas(
+    request: Request,
     state: str | None = Query(None, description="only sagas in this state"),
     name: str | None = Query(None, description="only sagas of this definition"),
     q: str | None = Query(None, max_length=64, description="saga id or its beginning"),
@@ -43,9 +56,7 @@ def api_sagas(
     offset: int = Query(0, ge=0),
 ) -> dict[str, Any]:
     """Sagas newest first, with counts per state (over all sagas)."""
-    from sagas.store import _iso, sagas_t
-
-    store = _store()
+    store = _engine(request).store
     query = select(sagas_t.c.id, sagas_t.c.name, sagas_t.c.state, sagas_t.c.error,
                    sagas_t.c.created_at, sagas_t.c.updated_at)
     total = select(func.count()).select_from(sagas_t)
@@ -75,24 +86,22 @@ def api_sagas(
 
 
 @router.get("/api/sagas/{saga_id}")
-def api_saga(saga_id: str) -> dict[str, Any]:
+def api_saga(request: Request, saga_id: str) -> dict[str, Any]:
     """The saga's view (as ``GET /sagas/{id}``) plus its graph, timeline and Flower links."""
+    engine = _engine(request)
     try:
-        view = _store().get_view(saga_id)
+        view = engine.store.get_view(saga_id)
     except SagaNotFoundError:
         raise HTTPException(404, f"no saga with id {saga_id!r}") from None
-    flower = get_observability_settings().flower_url.rstrip("/")
-    view["graph"] = graph(view)
+    flower = engine.settings.flower_url.rstrip("/")
+    view["graph"] = graph(view, engine.sagas.get(view["name"]))
     view["timeline"] = timeline(view, flower)
     view["flower_url"] = flower
     return view
 
 
-def graph(view: dict[str, Any]) -> dict[str, Any]:
+def graph(view: dict[str, Any], saga: Saga | None) -> dict[str, Any]:
     """Nodes placed in columns by depth (longest path from a root), and the edges."""
-    from sagas.definition import registered_sagas
-
-    saga = registered_sagas().get(view["name"])
     steps = {s["name"]: s for s in view["steps"]}
     names = list(steps)
     parents: dict[str, tuple[str, ...]] = {}

@@ -22,7 +22,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from sagas.listeners import SagaListener, StepAttempt, TransitionEvent
+from sagas.observe import listeners
+from sagas.observe.listeners import SagaListener, StepAttempt, TransitionEvent
 
 log = logging.getLogger("sagas.tracing")
 
@@ -45,8 +46,6 @@ def enable(provider: Any = None, *, register: bool = True) -> None:
     ENABLED = True
     _wire_coordinator_hooks(True)
     if register:
-        from sagas import listeners
-
         listeners.ensure(TracingListener)
 
 
@@ -57,8 +56,6 @@ def disable() -> None:
     _provider = None
     _configured_pid = None
     _wire_coordinator_hooks(False)
-    from sagas import listeners
-
     listeners.discard(TracingListener)
 
 
@@ -166,7 +163,7 @@ def _wire_coordinator_hooks(on: bool) -> None:
 
     for signal, receiver in ((task_prerun, _coordinator_prerun),
                              (task_postrun, _coordinator_postrun)):
-        uid = f"sagas.tracing.{signal.name}"
+        uid = f"sagas.observe.tracing.{signal.name}"
         if on:
             signal.connect(receiver, weak=False, dispatch_uid=uid)
         else:

@@ -1,0 +1,216 @@
+"""The binding: ``Sagas(app, settings)`` puts the engine on any Celery app.
+
+One call registers the engine's tasks on that app (routed to ``settings.saga_queue``), runs
+every saga step through the engine's step wrapper without the app setting ``task_cls``, adds the
+reconciler to the app's beat schedule, and publishes every start, step and compensation through
+that app, never through ``current_app``. Two apps with two engines in one process stay apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_init, worker_ready
+
+from sagas.coordinator import Decision
+from sagas.definition import Saga
+from sagas.errors import DefinitionError
+from sagas.observe import setup as observe_setup
+from sagas.runtime import worker
+from sagas.runtime.binding import Binding, bind, binding_of
+from sagas.runtime.dispatch import RECOVER_TASK
+from sagas.runtime.handle import SagaHandle
+from sagas.runtime.recovery import BEAT_ENTRY, RecoveryReport, beat_entry, recover_stalled
+from sagas.runtime.relay import Relay
+from sagas.runtime.transitions import cancel_saga, retry_saga, start_saga
+from sagas.settings import SagaSettings
+from sagas.states import SagaState
+from sagas.store import migrate
+from sagas.store.sql import Store
+
+log = logging.getLogger("sagas")
+
+AuditCheck = Callable[["Sagas"], Iterable[Any]]
+"""A domain's own audit: given the engine, yields findings (see ``sagas.ops.audit``)."""
+
+
+class Sagas:
+    """The saga engine bound to one Celery app.
+
+    >>> app = Celery("trips", broker="redis://127.0.0.1:6379/0", backend="redis://...")
+    >>> engine = Sagas(app, SagaSettings(database_url="sqlite:///var/trips.db"))
+    >>> trip = engine.register(Saga("trip", steps=[...]))
+    >>> engine.start(trip, {"traveller": "ada"}).wait(timeout=30).state
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        settings: SagaSettings | None = None,
+        *,
+        sagas: Iterable[Saga] = (),
+    ) -> None:
+        self.app = app
+        self._binding = Binding(app, settings if settings is not None else SagaSettings())
+        self._binding.engine = self
+        bind(self._binding)
+        self.audit_checks: list[AuditCheck] = []
+        self._unwrapped = False
+        worker.install(self._binding)
+        self._install_reconciler()
+        observe_setup.install(self._binding.settings)
+        uid = f"sagas.engine.{id(self)}"
+        worker_init.connect(self._on_worker_init, weak=False, dispatch_uid=f"{uid}.init")
+        worker_ready.connect(self._on_worker_ready, weak=False, dispatch_uid=f"{uid}.ready")
+        for saga in sagas:
+            self.register(saga)
+
+    # --- binding ----------------------------------------------------------------------------
+    @classmethod
+    def of(cls, app: Celery) -> Sagas:
+        """The engine bound to ``app``; raises ``DefinitionError`` when there is none."""
+        binding = binding_of(app)
+        engine = None if binding is None else binding.engine
+        if not isinstance(engine, Sagas):
+            raise DefinitionError(f"Celery app {app.main!r} has no saga engine: call Sagas(app)")
+        return engine
+
+    @property
+    def settings(self) -> SagaSettings:
+        return self._binding.settings
+
+    @settings.setter
+    def settings(self, settings: SagaSettings) -> None:
+        """Replace the settings (tests point one process at another database this way)."""
+        self._binding.settings = settings
+
+    @property
+    def store(self) -> Store:
+        return self._binding.store
+
+    def _install_reconciler(self) -> None:
+        settings = self._binding.settings
+
+        @self.app.task(name=RECOVER_TASK, ignore_result=True, queue=settings.saga_queue,
+                       shared=False)
+        def recover() -> dict[str, Any]:
+            """Beat's entry point; runs on the saga queue like the coordinator's other tasks."""
+            return recover_stalled(self._binding).as_dict()
+
+        entry = beat_entry(settings)
+        self.app.add_periodic_task(
+            entry["schedule"],
+            self.app.signature(RECOVER_TASK, **entry["options"]),
+            name=BEAT_ENTRY,
+        )
+
+    # --- sagas ------------------------------------------------------------------------------
+    def register(self, saga: Saga) -> Saga:
+        """Make ``saga`` known to this engine (and so to its workers); returns it."""
+        self._binding.add(saga)
+        self._wrap_steps(finalize=False)
+        return saga
+
+    @property
+    def sagas(self) -> dict[str, Saga]:
+        return dict(self._binding.sagas)
+
+    def saga(self, name: str) -> Saga:
+        """The registered saga named ``name``; raises ``UnknownSagaError``."""
+        return self._binding.saga(name)
+
+    def _wrap_steps(self, finalize: bool = True) -> None:
+        """Run every registered step task through the engine's wrapper (idempotent).
+
+        Before the app is finalized (while modules still import) only tasks already created are
+        wrapped; the rest are at worker start or at the first start, when the app finalizes.
+        """
+        registry = self.app.tasks if finalize else self.app._tasks
+        missing = False
+        for saga in self._binding.sagas.values():
+            for step in saga.steps.values():
+                for name in (step.action_name, step.compensation_name):
+                    if name is None:
+                        continue
+                    task = registry.get(name)
+                    if isinstance(task, Task):
+                        worker.wrap_step_task(task, step.name)
+                    else:
+                        missing = True
+        self._unwrapped = missing and not finalize
+
+    def _prepare(self) -> None:
+        if self._unwrapped or not self.app.finalized:
+            self._wrap_steps(finalize=True)
+
+    def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is self.app:
+            self._wrap_steps(finalize=True)  # a task that cannot be wrapped stops the worker
+
+    def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is self.app:
+            for line in worker.unknown_task_report(self._binding):
+                log.error(line)
+
+    # --- running sagas ----------------------------------------------------------------------
+    def start(
+        self,
+        saga: Saga | str,
+        data: Any,
+        *,
+        saga_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> SagaHandle:
+        """Record a new saga and publish its first steps; a duplicate start returns the first.
+
+        Raises ``InvalidSagaInputError`` for input its model refuses, ``IdempotencyConflictError``
+        for a key reused with another payload, ``StoreUnavailableError`` when the store is down.
+        """
+        self._prepare()
+        started = start_saga(
+            self._binding, saga, data, saga_id=saga_id, idempotency_key=idempotency_key
+        )
+        return SagaHandle(self._binding, started)
+
+    def handle(self, saga_id: str) -> SagaHandle:
+        """A handle on an existing saga id (e.g. the id of ``start_order_saga.delay(...)``)."""
+        return SagaHandle(self._binding, saga_id)
+
+    def states(self, saga_ids: Sequence[str]) -> dict[str, SagaState]:
+        """The states of many sagas in one query; ids never recorded are absent."""
+        return {k: SagaState(v) for k, v in self.store.saga_states(saga_ids).items()}
+
+    def retry(self, saga_id: str) -> Decision:
+        """Resume a parked (COMPENSATION_FAILED) saga, or re-drive a stalled one."""
+        self._prepare()
+        return retry_saga(self._binding, saga_id)
+
+    def cancel(self, saga_id: str, reason: str = "cancelled by operator") -> Decision:
+        """Compensate a running saga; ``SagaStateError`` once its pivot has succeeded."""
+        self._prepare()
+        return cancel_saga(self._binding, saga_id, reason)
+
+    # --- operating --------------------------------------------------------------------------
+    def upgrade_schema(self) -> None:
+        """Create or migrate the engine's own tables (and only those) in the store."""
+        migrate.upgrade(self.store.engine)
+
+    def recover(self, *, limit: int | None = None, dry_run: bool = False) -> RecoveryReport:
+        """One reconciler pass now (beat runs one every ``settings.recovery_interval``)."""
+        self._prepare()
+        return recover_stalled(self._binding, limit=limit, dry_run=dry_run)
+
+    def relay(self, **options: Any) -> Relay:
+        """An outbox relay over this engine's store and settings (``run()`` or ``run_once()``)."""
+        return Relay(self.store, self.settings, **options)
+
+    def add_audit_check(self, check: AuditCheck) -> AuditCheck:
+        """A domain's own invariants, run by ``sagas audit`` after the engine's."""
+        self.audit_checks.append(check)
+        return check
+
+    def __repr__(self) -> str:
+        return f"Sagas(app={self.app.main!r}, sagas={sorted(self._binding.sagas)!r})"

@@ -1,0 +1,73 @@
+"""The step message: the single argument every step and compensation task receives.
+
+``StepContext`` owns it both ways: ``StepContext.build`` writes the dict a step task is sent
+with, and ``StepContext.from_args`` recognises one in a task's arguments. Nothing else in the
+engine builds or inspects those keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Phase = Literal["action", "compensation"]
+
+_REQUIRED = frozenset({"saga_id", "saga", "step", "phase", "idempotency_key"})
+
+
+class StepContext(BaseModel):
+    """What a participant needs: its idempotency key, the saga input, earlier steps' results."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    saga_id: str
+    saga: str
+    step: str
+    phase: Phase
+    idempotency_key: str
+    attempt: int = 1
+    after_pivot: bool = False
+    inline: bool = False
+    input: dict[str, Any] = Field(default_factory=dict)
+    results: dict[str, Any] = Field(default_factory=dict)
+
+    @staticmethod
+    def build(
+        *,
+        saga_id: str,
+        saga: str,
+        step: str,
+        phase: Phase,
+        attempt: int,
+        after_pivot: bool,
+        inline: bool,
+        input: dict[str, Any],
+        results: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The message body (a plain JSON object: what Celery serialises and Flower shows)."""
+        return {
+            "saga_id": saga_id, "saga": saga, "step": step, "phase": phase, "attempt": attempt,
+            "idempotency_key": idempotency_key(saga_id, step), "after_pivot": after_pivot,
+            "inline": inline, "input": input, "results": results,
+        }
+
+    @classmethod
+    def from_args(cls, args: Any, kwargs: Any = None) -> StepContext | None:
+        """The context when a task call is a saga step, else None (a plain call of the task)."""
+        if kwargs or not isinstance(args, list | tuple) or len(args) != 1:
+            return None
+        body = args[0]
+        if not isinstance(body, dict) or not body.keys() >= _REQUIRED:
+            return None
+        return cls.model_validate(body)
+
+
+def idempotency_key(saga_id: str, step: str) -> str:
+    """One key per saga and step, the same for every attempt and every re-drive."""
+    return f"{saga_id}:{step}"
+
+
+def step_task_id(saga_id: str, step: str, phase: str, attempt: int) -> str:
+    """Readable task ids: searching a saga id in Flower finds all of its tasks."""
+    return f"{saga_id}.{step}.{'do' if phase == 'action' else 'undo'}.{attempt}"

@@ -1,0 +1,246 @@
+"""The worker side: the wrapper that runs saga steps, and the coordinator's own Celery tasks.
+
+A step task runs through ``StepTaskMixin.__call__``: it retries transient errors with the step's
+backoff and, on success, records the outcome and publishes the next ready steps from the worker
+that ran the step: the coordinator's job done in place, which saves the hop a separate
+coordinator task would cost. Failures travel by ``link_error`` to ``sagas.step_failed`` on the
+saga queue. ``wrap_step_task`` puts the mixin under any task of the bound app, so the user
+never sets ``task_cls``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
+
+from sagas.coordinator import (
+    ACTION,
+    COMPENSATION,
+    IgnoreKind,
+    StepFailed,
+    StepRetrying,
+    StepSucceeded,
+)
+from sagas.errors import BusinessError, DefinitionError, SagaError, StepOutcomeUnknown
+from sagas.runtime.binding import Binding, binding_of
+from sagas.runtime.dispatch import (
+    INLINE_MARK,
+    START_TASK,
+    STEP_FAILED_TASK,
+    STEP_SUCCEEDED_TASK,
+)
+from sagas.runtime.message import StepContext
+from sagas.runtime.transitions import apply_event, start_saga
+
+log = logging.getLogger("sagas.worker")
+
+WORKER_LOST_RETRY_DELAY = 1
+"""Seconds before a step whose pool process died is sent again (Celery's default is 180)."""
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def normalize_result(result: Any) -> Any:
+    if result is None:
+        return {}
+    return result if isinstance(result, dict) else {"value": result}
+
+
+class StepTaskMixin:
+    """Runs a call that carries a step message as a saga step; any other call as usual."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = StepContext.from_args(args, kwargs)
+        if ctx is None:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        return _run_step(self, ctx, args)  # type: ignore[arg-type]
+
+
+setattr(StepTaskMixin, INLINE_MARK, True)
+
+
+class SagaTask(StepTaskMixin, Task):  # type: ignore[misc]
+    """A task class for ``task_cls=``; the engine wraps plain tasks the same way by itself."""
+
+    throws = (BusinessError,)
+    default_retry_delay = WORKER_LOST_RETRY_DELAY
+
+
+def wrap_step_task(task: Task, step: str) -> None:
+    """Put ``StepTaskMixin`` under ``task`` (its class is rebuilt with the mixin first).
+
+    What the task's own class set (``max_retries``, ``throws``, a custom ``__call__``) is kept:
+    the mixin defines nothing else, and calls the task's own ``__call__`` for plain calls. The
+    worker-lost retry delay and business errors as expected refusals are added only where the
+    task left Celery's defaults.
+    """
+    cls = type(task)
+    if getattr(cls, INLINE_MARK, False):
+        return
+    extra: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    if not any(issubclass(BusinessError, t) for t in cls.throws if isinstance(t, type)):
+        extra["throws"] = (*cls.throws, BusinessError)
+    if cls.default_retry_delay == Task.default_retry_delay:
+        extra["default_retry_delay"] = WORKER_LOST_RETRY_DELAY
+    try:
+        wrapped = type(cls.__name__, (StepTaskMixin, cls), extra)
+        task.__class__ = wrapped
+    except TypeError as exc:
+        raise DefinitionError(
+            f"step {step!r}: task {task.name!r} cannot be run as a saga step ({exc}); "
+            "give it the base class sagas.runtime.worker.SagaTask"
+        ) from exc
+    task.__trace__ = None  # a tracer built before the wrap would call the old function
+
+
+def _binding(task: Task) -> Binding:
+    binding = binding_of(task.app)
+    if binding is None:
+        raise SagaError(f"Celery app {task.app.main!r} has no saga engine: call Sagas(app)")
+    return binding
+
+
+def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
+    binding = _binding(task)
+    saga = binding.sagas.get(ctx.saga)
+    step = saga.steps.get(ctx.step) if saga else None
+    saga_id, phase = ctx.saga_id, ctx.phase
+    attempt = ctx.attempt + int(task.request.retries or 0)
+    try:
+        result = task.run(*args)
+    except Retry:
+        raise
+    except Exception as exc:
+        if step is not None:
+            policy = step.retry if phase == ACTION else step.compensation_retry
+            forward = ctx.after_pivot
+            if phase == COMPENSATION or forward:
+                retryable = True
+            elif isinstance(exc, SoftTimeLimitExceeded):
+                retryable = False
+            else:
+                retryable = policy.is_transient(exc)
+            if retryable and attempt < policy.attempts:
+                decision = apply_event(
+                    binding, saga_id, StepRetrying(ctx.step, phase, attempt + 1, describe(exc))
+                )
+                ignored = decision.ignored
+                if ignored is not None and ignored.kind is not IgnoreKind.ALREADY_RECORDED:
+                    log.info("saga %s step %s: no retry: %s", saga_id, ctx.step, ignored)
+                    raise
+                # The policy bounds the attempts (checked above); None would mean the task's
+                # max_retries (the worker-lost cap), cutting the policy's last attempts short.
+                raise task.retry(
+                    exc=exc, countdown=policy.delay(attempt), max_retries=policy.attempts
+                ) from exc
+            uncertain = retryable or isinstance(exc, SoftTimeLimitExceeded)
+            if step.pivot and phase == ACTION and uncertain:
+                # A pivot that timed out or ran out of transient retries may have applied its
+                # effect, and has no compensation: it stays RUNNING and recovery re-drives it
+                # (same key) until it succeeds or refuses for good.
+                log.warning("saga %s: pivot %s outcome unknown after attempt %d (%s); "
+                            "left to recovery", saga_id, ctx.step, attempt, describe(exc))
+                raise Ignore() from exc
+            if phase == ACTION and not forward and not isinstance(exc, policy.business):
+                # Only a business refusal proves the effect did not happen; anything else may
+                # have struck after the commit, so the failure handler compensates this step.
+                raise StepOutcomeUnknown(describe(exc)) from exc
+        raise
+    result = normalize_result(result)
+    if not ctx.inline:
+        return result
+    if saga is not None:
+        apply_event(binding, saga_id, StepSucceeded(ctx.step, phase, result))
+    else:
+        # This process cannot decide for a saga it does not know; the coordinator can.
+        task.app.send_task(
+            STEP_SUCCEEDED_TASK, args=(result, saga_id, ctx.step, phase),
+            queue=binding.settings.saga_queue,
+        )
+    return result
+
+
+# Failures that say nothing about whether the step's effect happened (see StepFailed.definite).
+_INDEFINITE = frozenset({
+    StepOutcomeUnknown.__name__, "WorkerLostError", "TimeLimitExceeded", "Reject",
+    "ConnectionError", "OperationalError", "TimeoutError", "BackendStoreError",
+    "BackendGetMetaError",
+})
+
+
+def _is_definite(error: str) -> bool:
+    if error.startswith("failed ("):  # the detail is lost with the backend: unknown
+        return False
+    return error.split(":", 1)[0].strip() not in _INDEFINITE
+
+
+def _failure_of(task: Task, task_id: str) -> str:
+    try:
+        meta = task.app.backend.get_task_meta(task_id)
+    except Exception as exc:  # the backend may be gone; the failure itself is not in doubt
+        return f"failed (error detail unavailable: {describe(exc)})"
+    status = meta.get("status")
+    if status != "FAILURE":
+        # Celery publishes a retry before it stores RETRY, so a slow RETRY store can overwrite
+        # the final attempt's FAILURE: the stored exception is then an earlier attempt's.
+        return f"failed (backend shows {status}, not the final error)"
+    result = meta.get("result")
+    if isinstance(result, BaseException):
+        return describe(result)
+    if isinstance(result, dict) and "exc_type" in result:
+        message = result.get("exc_message")
+        if isinstance(message, (list, tuple)):
+            message = " ".join(str(m) for m in message)
+        return f"{result['exc_type']}: {message}" if message else str(result["exc_type"])
+    return f"failed ({meta.get('status', 'unknown')})"
+
+
+
+def install(binding: Binding) -> None:
+    """Register the coordinator's tasks on the binding's app, routed to its saga queue."""
+    app, queue = binding.app, binding.settings.saga_queue
+
+    @app.task(name=STEP_SUCCEEDED_TASK, ignore_result=True, queue=queue, shared=False)
+    def step_succeeded(result: Any, saga_id: str, step: str, phase: str) -> None:
+        """``link`` target for steps the engine cannot run inline (tasks in other codebases)."""
+        event = StepSucceeded(step, phase, normalize_result(result))  # type: ignore[arg-type]
+        apply_event(binding, saga_id, event)
+
+    @app.task(name=STEP_FAILED_TASK, bind=True, ignore_result=True, queue=queue, shared=False)
+    def step_failed(
+        self: Task, task_id: str, saga_id: str, step: str, phase: str, attempt: int
+    ) -> None:
+        """``link_error`` target; ``bind=True`` makes Celery send it as a message, not inline."""
+        error = _failure_of(self, task_id)
+        failed = StepFailed(step, phase, error, definite=_is_definite(error))  # type: ignore[arg-type]
+        apply_event(binding, saga_id, failed)
+
+    @app.task(name=START_TASK, bind=True, ignore_result=True, queue=queue, shared=False)
+    def start(
+        self: Task, saga_name: str, data: dict[str, Any], idempotency_key: str | None = None
+    ) -> str:
+        """Start any registered saga by name; the task id becomes the saga id."""
+        return start_saga(
+            binding, saga_name, data, saga_id=self.request.id, idempotency_key=idempotency_key
+        )
+
+
+def unknown_task_report(binding: Binding) -> list[str]:
+    """One line per saga naming tasks this worker's app does not register."""
+    lines = []
+    known = binding.app.tasks.keys()
+    for saga in binding.sagas.values():
+        unknown = saga.unknown_tasks(known)
+        if unknown:
+            lines.append(
+                f"saga {saga.name!r} names tasks this worker does not register: "
+                f"{', '.join(unknown)}; a worker that registers them must serve their queues, "
+                "or those steps will stall"
+            )
+    return lines

@@ -1,0 +1,10 @@
+from alembic import context
+
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    render_as_batch=connection.dialect.name == "sqlite",
+    version_table=context.config.attributes.get("version_table", "sagas_alembic_version"),
+)
+with context.begin_transaction():
+    context.run_migrations()
