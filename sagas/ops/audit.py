@@ -105,9 +105,13 @@ class AuditReport:
 
     def summary(self) -> str:
         states = ", ".join(f"{k} {v}" for k, v in sorted(self.states.items())) or "none"
-        n = len(self.findings)
-        verdict = "ok" if self.ok else f"{n} violation{'' if n == 1 else 's'}"
-        return f"audit: {self.sagas} sagas ({states}), {self.checks} checks: {verdict}"
+        verdict = "ok" if self.ok else _count(len(self.findings), "violation")
+        return (f"audit: {_count(self.sagas, 'saga')} ({states}), "
+                f"{_count(self.checks, 'check')}: {verdict}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def audit(engine: Sagas, *, idle: bool = True, now: datetime | None = None) -> AuditReport:
