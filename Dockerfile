@@ -11,7 +11,8 @@ COPY pyproject.toml README.md ./
 COPY sagas ./sagas
 COPY tasks ./tasks
 COPY config ./config
-RUN pip install . \
+# tasks/ and config/ (the sample) run from /app; the installed wheel holds only the engine.
+RUN pip install '.[web,postgres,otel]' \
     && useradd --create-home --uid 10001 sagas \
     && mkdir -p /app/var \
     && chown sagas /app/var

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/sagas demo
+	$(BIN)/python -m tasks.demo
 
 test: install lint
 	$(BIN)/pytest -q
@@ -41,16 +41,18 @@ up: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start
 
 web: install
-	$(BIN)/sagas db upgrade && $(BIN)/uvicorn config.web:app --port $${PORT:-8000}
+	$(BIN)/sagas -A config db upgrade && $(BIN)/python -m tasks.migrate \
+		&& $(BIN)/uvicorn config.web:app --port $${PORT:-8000}
 
 flower: install
 	$(BIN)/celery -A config flower --port=$${FLOWER_PORT:-5555}
 
 relay: install
-	$(BIN)/sagas relay
+	$(BIN)/sagas -A config relay
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff format .

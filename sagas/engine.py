@@ -61,7 +61,7 @@ class Sagas:
         self._unwrapped = False
         worker.install(self._binding)
         self._install_reconciler()
-        observe_setup.install(self._binding.settings)
+        observe_setup.install(self._binding.settings, lambda: self._binding.store)
         uid = f"sagas.engine.{id(self)}"
         worker_init.connect(self._on_worker_init, weak=False, dispatch_uid=f"{uid}.init")
         worker_ready.connect(self._on_worker_ready, weak=False, dispatch_uid=f"{uid}.ready")

@@ -1,4 +1,4 @@
-"""``make demo`` / ``sagas demo``: 20 orders through real workers, one pool per queue.
+"""``make demo`` (``python -m tasks.demo``): 20 orders through real workers, one pool per queue.
 
 With REDIS_URL unset it starts a private Redis; with DATABASE_URL unset it uses a fresh SQLite
 file under var/. Orders over the payment limit are declined and must end COMPENSATED with their
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -39,7 +40,7 @@ def demo_orders(count: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sagas demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tasks.demo", description=__doc__)
     parser.add_argument("--orders", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=90.0)
     args = parser.parse_args(argv or [])
@@ -62,28 +63,21 @@ def _prepare_environment(stack: ExitStack) -> None:
             leftover.unlink()
         os.environ["DATABASE_URL"] = f"sqlite:///{db}"
         console.print(f"[dim]using the SQLite file {db}[/]")
-    # The settings and the Celery app were read at import; re-read them from the environment.
-    from config.settings import get_app_settings
-    from sagas.settings import get_settings
-
-    get_settings.cache_clear()
-    get_app_settings.cache_clear()
-    from config import app
-
-    app.conf.broker_url = os.environ["REDIS_URL"]
-    app.conf.result_backend = os.environ["REDIS_URL"]
+    # The sample app reads its settings when it is first imported: only now, after the above.
+    import config  # noqa: F401
 
 
 def _run(count: int, timeout: float, stack: ExitStack) -> int:
+    import tasks.migrate
+    from config import engine
     from sagas.devtools.localworkers import LocalWorker
-    from sagas.store.migrate import upgrade
-    from sagas.runtime.transitions import get_store
     from tasks import start_order_saga
     from tasks.payment import order_amount
 
-    upgrade()
+    engine.upgrade_schema()
+    tasks.migrate.upgrade()
     stock_before = _stock()
-    workers = [LocalWorker(q, concurrency=1) for q in QUEUES]
+    workers = [LocalWorker(q, app="config", concurrency=1) for q in QUEUES]
     for worker in workers:
         worker.start()
         stack.callback(worker.stop)
@@ -99,7 +93,7 @@ def _run(count: int, timeout: float, stack: ExitStack) -> int:
         expected = "COMPENSATED" if order_amount(order) > limit else "COMPLETED"
         started.append((result.id, order, expected))
 
-    store = get_store()
+    store = engine.store
     settled = {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED"}
     states: dict[str, str] = {}
     columns = (TextColumn("sagas"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -107,12 +101,8 @@ def _run(count: int, timeout: float, stack: ExitStack) -> int:
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("sagas", total=len(started))
         while time.monotonic() < deadline:
-            for saga_id, _, _ in started:
-                if states.get(saga_id) not in settled:
-                    try:
-                        states[saga_id] = store.get_view(saga_id)["state"]
-                    except Exception:
-                        states[saga_id] = "PENDING"
+            waiting = [i for i, _, _ in started if states.get(i) not in settled]
+            states.update(engine.states(waiting))  # one read-only query for all of them
             done = sum(1 for s in states.values() if s in settled)
             progress.update(bar, completed=done)
             if done == len(started):
@@ -172,3 +162,7 @@ def _stock() -> dict[str, int]:
 
     with transaction() as conn:
         return {r.sku: r.available for r in conn.execute(select(Stock.__table__)).all()}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

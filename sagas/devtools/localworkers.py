@@ -13,7 +13,7 @@ from pathlib import Path
 
 class LocalWorker:
     def __init__(
-        self, queues: str, *, app: str = "config", concurrency: int = 1, name: str | None = None,
+        self, queues: str, *, app: str, concurrency: int = 1, name: str | None = None,
         env: Mapping[str, str] | None = None, log_dir: Path = Path("var/log"),
         pool: str = "prefork",
     ) -> None:

@@ -103,10 +103,11 @@ StoreSource = Callable[[], Store]
 _in_flight_source: StoreSource | None = None
 
 
-def count_in_flight_of(source: StoreSource | None) -> None:
+def count_in_flight_of(source: StoreSource | None, *, replace: bool = True) -> None:
     """The store whose sagas ``sagas_in_flight`` counts at scrape time (the web app's engine)."""
     global _in_flight_source
-    _in_flight_source = source
+    if replace or _in_flight_source is None:
+        _in_flight_source = source
 
 
 class InFlightCollector(Collector):

@@ -288,7 +288,7 @@ def recover(
     if as_json:
         print_json(report.as_dict())
     else:
-        out.print(report.summary(), markup=False, highlight=False)
+        out.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
     if report.errors:
         raise typer.Exit(EXIT_FAILURE)
 
@@ -307,10 +307,10 @@ def audit(
     if as_json:
         print_json(report.as_dict())
     else:
-        out.print(report.summary(), markup=False, highlight=False)
+        out.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
         for finding in report.findings[:50]:
             out.print(f"  {finding.saga_id or '-'}: {finding.rule}: {finding.detail}",
-                      markup=False, highlight=False)
+                      markup=False, highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(EXIT_FAILURE)
 

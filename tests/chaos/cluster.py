@@ -63,7 +63,6 @@ class Cluster:
         return result
 
     def sagas_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        # Not ``-m sagas.ops.cli``: as __main__ it would be a second module, without the plugins.
         return self.run("-c", SAGAS_CLI, *args, check=check)
 
     def client(self, *args: str) -> dict[str, Any]:
@@ -72,6 +71,7 @@ class Cluster:
 
     def migrate(self) -> None:
         self.sagas_cli("db", "upgrade")
+        self.run("-m", "tasks.migrate")  # the sample's own tables, apart from the engine's
 
     def start_worker(self, name: str, queues: str, concurrency: int = 2) -> WorkerProcess:
         worker = WorkerProcess(self.env, queues=queues, concurrency=concurrency, name=name,

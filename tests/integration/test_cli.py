@@ -71,8 +71,13 @@ def test_db_upgrade_makes_a_fresh_database_ready_to_list(tmp_path: Path, redis_s
     env = _worker_env(f"sqlite:///{tmp_path}/fresh.db")
     upgraded = sagas(env, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "schema up to date" in upgraded.stderr
+    assert "saga tables up to date" in upgraded.stderr
     assert sagas(env, "db", "upgrade").returncode == 0, "upgrading twice is harmless"
+    import sqlalchemy
+
+    tables = set(sqlalchemy.inspect(sqlalchemy.create_engine(env["DATABASE_URL"])).get_table_names())
+    assert tables == {"saga_instances", "saga_steps", "saga_events", "saga_outbox",
+                      "sagas_alembic_version"}, "only the engine's tables, none of the sample's"
     listed = sagas(env, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout) == {"total": 0, "items": []}
@@ -165,7 +170,7 @@ def test_with_redis_unreachable_retry_says_so_in_one_line_and_a_later_retry_goes
     assert wait_for_saga(saga_id)["state"] == "COMPENSATION_FAILED"
     calls = undo_calls(saga_id)
     env = {**engine_backend.env, "REDIS_URL": closed_port_url("redis")}
-    assert_one_line_error(sagas(env, "retry", saga_id), "redis unavailable")
+    assert_one_line_error(sagas(env, "retry", saga_id), "broker unavailable")
     # The retry was recorded; only the compensation's message was lost with the broker.
     assert get_store().get_view(saga_id)["state"] == "COMPENSATING"
     assert undo_calls(saga_id) == calls

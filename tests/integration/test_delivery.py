@@ -55,10 +55,9 @@ def delivery_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     previous = os.environ.get("DATABASE_URL")
     url = f"sqlite:///{tmp_path_factory.mktemp('delivery')}/sagas.db"
     use_database(url)
-    import tasks  # noqa: F401
-    from sagas.store.migrate import upgrade
+    from tests.conftest import _migrate
 
-    upgrade()
+    _migrate()
     yield url
     if previous is not None:
         use_database(previous)
