@@ -30,7 +30,11 @@ from sagas.observe.listeners import (
     SagaListener,
     StepAttempt,
     TransitionEvent,
+)
+from sagas.observe.listeners import (
     register as register_listener,
+)
+from sagas.observe.listeners import (
     unregister as unregister_listener,
 )
 from sagas.runtime.handle import SagaHandle, SagaOutcome, StepOutcome

@@ -94,7 +94,7 @@ class Sagas:
     def _install_reconciler(self) -> None:
         settings = self._binding.settings
 
-        @self.app.task(name=RECOVER_TASK, ignore_result=True, queue=settings.saga_queue,
+        @self.app.task(name=RECOVER_TASK, ignore_result=True, queue=settings.saga_queue,  # type: ignore[untyped-decorator]
                        shared=False)
         def recover() -> dict[str, Any]:
             """Beat's entry point; runs on the saga queue like the coordinator's other tasks."""

@@ -21,8 +21,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql import Select
 
 from sagas.ops.api import AdminAuth, Problem
-from sagas.store.schema import SagaRow, StepRow
 from sagas.states import SagaState
+from sagas.store.schema import SagaRow, StepRow
 from sagas.store.sql import input_digest, utcnow
 from tasks.db import transaction
 from tasks.models import Charge, DomainBase, Refund, Reservation, Shipment, Stock

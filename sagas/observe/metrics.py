@@ -147,7 +147,7 @@ def scrape_registry() -> CollectorRegistry:
     """The registry to expose: every process's files in multiprocess mode, else this process."""
     if multiprocess_dir():
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         registry.register(InFlightCollector())
         return registry
     _ensure_in_flight_registered()
@@ -192,7 +192,7 @@ def mark_process_dead(pid: int | None = None) -> None:
     """Let a dead pool child's live gauges go (prometheus-client's multiprocess contract)."""
     if multiprocess_dir():
         try:
-            multiprocess.mark_process_dead(pid or os.getpid())
+            multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
         except Exception as exc:
             log.debug("mark_process_dead: %s", exc)
 

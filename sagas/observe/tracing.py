@@ -202,7 +202,7 @@ class TracingListener(SagaListener):
             parent = propagate.extract(carrier_now) if carrier_now else None
             span = tracer.start_span(
                 f"saga {event.saga} {event.to_state}", context=parent,
-                attributes=_attrs(event.saga_id, event.saga, **{
+                attributes=_attrs(event.saga_id, event.saga, None, **{
                     "saga.state": event.to_state, "saga.error": event.error,
                     "saga.duration_s": event.duration,
                 }),

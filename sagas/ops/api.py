@@ -32,8 +32,8 @@ from sagas.errors import (
     StoreUnavailableError,
     outage_of,
 )
-from sagas.store.sql import Store
 from sagas.states import SagaState
+from sagas.store.sql import Store
 
 log = logging.getLogger("sagas.api")
 
@@ -231,7 +231,7 @@ def saga_router(engine: Sagas, auth: AdminAuth) -> APIRouter:
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
     @router.get("/sagas", response_model=SagaPage, tags=["sagas"], dependencies=read,
-                responses=read_errors)
+                responses=read_errors)  # type: ignore[arg-type]
     def list_sagas(
         state: Annotated[SagaState | None, Query(description="Only sagas in this state")] = None,
         name: Annotated[str | None, Query(max_length=100, description="Saga name")] = None,

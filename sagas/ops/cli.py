@@ -37,6 +37,7 @@ from sagas.errors import (
     outage_of,
 )
 from sagas.runtime import relay as outbox
+from sagas.store.outbox import DEAD, PENDING, SENT
 
 cli = typer.Typer(
     name="sagas", help="Run and operate task-graph sagas on Celery.", no_args_is_help=True,
@@ -351,7 +352,7 @@ def outbox_stats(
     if as_json:
         print_json(counts)
         return
-    for status in (outbox.PENDING, outbox.SENT, outbox.DEAD):
+    for status in (PENDING, SENT, DEAD):
         out.print(f"{status:8} {counts.get(status, 0)}", highlight=False)
 
 

@@ -30,6 +30,10 @@ from sqlalchemy import Connection, delete, func, select, update
 
 from sagas.settings import SagaSettings
 from sagas.store.outbox import DEAD, EXCHANGE, PENDING, SENT, outbox_t
+
+__all__ = [
+    "DEAD", "PENDING", "SENT", "KombuPublisher", "Relay", "outbox_t", "requeue_dead", "stats",
+]
 from sagas.store.sql import Store
 
 log = logging.getLogger("sagas.relay")
@@ -45,21 +49,21 @@ class KombuPublisher:
     """Publishes one outbox row to the topic exchange; reconnects after a broker error."""
 
     def __init__(self, url: str, exchange: str = EXCHANGE) -> None:
-        from kombu import Exchange
+        from kombu import Exchange  # type: ignore[attr-defined]
 
         self.url = url
-        self.exchange = Exchange(exchange, type="topic", durable=True)
+        self.exchange = Exchange(exchange, type="topic", durable=True)  # type: ignore[no-untyped-call]
         self._conn: Any = None
         self._producer: Any = None
 
     def _ensure(self) -> Any:
         if self._producer is None:
-            from kombu import Connection as KombuConnection
+            from kombu import Connection as KombuConnection  # type: ignore[attr-defined]
 
-            self._conn = KombuConnection(self.url, connect_timeout=5)
+            self._conn = KombuConnection(self.url, connect_timeout=5)  # type: ignore[no-untyped-call]
             self._conn.ensure_connection(max_retries=1)
             self._producer = self._conn.Producer(serializer="json")
-            self.exchange(self._conn.default_channel).declare()
+            self.exchange(self._conn.default_channel).declare()  # type: ignore[no-untyped-call]
         return self._producer
 
     def __call__(self, row: dict[str, Any]) -> None:

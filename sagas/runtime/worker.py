@@ -59,7 +59,7 @@ class StepTaskMixin:
         ctx = StepContext.from_args(args, kwargs)
         if ctx is None:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
-        return _run_step(self, ctx, args)  # type: ignore[arg-type]
+        return _run_step(self, ctx, args)
 
 
 setattr(StepTaskMixin, INLINE_MARK, True)
@@ -206,13 +206,13 @@ def install(binding: Binding) -> None:
     """Register the coordinator's tasks on the binding's app, routed to its saga queue."""
     app, queue = binding.app, binding.settings.saga_queue
 
-    @app.task(name=STEP_SUCCEEDED_TASK, ignore_result=True, queue=queue, shared=False)
+    @app.task(name=STEP_SUCCEEDED_TASK, ignore_result=True, queue=queue, shared=False)  # type: ignore[untyped-decorator]
     def step_succeeded(result: Any, saga_id: str, step: str, phase: str) -> None:
         """``link`` target for steps the engine cannot run inline (tasks in other codebases)."""
         event = StepSucceeded(step, phase, normalize_result(result))  # type: ignore[arg-type]
         apply_event(binding, saga_id, event)
 
-    @app.task(name=STEP_FAILED_TASK, bind=True, ignore_result=True, queue=queue, shared=False)
+    @app.task(name=STEP_FAILED_TASK, bind=True, ignore_result=True, queue=queue, shared=False)  # type: ignore[untyped-decorator]
     def step_failed(
         self: Task, task_id: str, saga_id: str, step: str, phase: str, attempt: int
     ) -> None:
@@ -221,7 +221,7 @@ def install(binding: Binding) -> None:
         failed = StepFailed(step, phase, error, definite=_is_definite(error))  # type: ignore[arg-type]
         apply_event(binding, saga_id, failed)
 
-    @app.task(name=START_TASK, bind=True, ignore_result=True, queue=queue, shared=False)
+    @app.task(name=START_TASK, bind=True, ignore_result=True, queue=queue, shared=False)  # type: ignore[untyped-decorator]
     def start(
         self: Task, saga_name: str, data: dict[str, Any], idempotency_key: str | None = None
     ) -> str:

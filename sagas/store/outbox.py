@@ -99,7 +99,7 @@ def outbox_rows(snap: SagaSnapshot, decision: Decision) -> list[dict[str, Any]]:
         }
         if name == "saga.started":
             payload["input"] = snap.input
-        elif name == "step.succeeded":
+        elif name == "step.succeeded" and t.step is not None:
             payload["result"] = snap.steps[t.step].result
         rows.append({
             "event_id": event_id, "saga_id": snap.id, "saga": snap.name, "event": name,

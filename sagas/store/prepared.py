@@ -44,7 +44,7 @@ class Prepared:
     def __init__(
         self, statement: ClauseElement, dialect: Dialect, column_keys: Sequence[str] | None = None
     ) -> None:
-        compiled = statement.compile(
+        compiled: Any = statement.compile(  # a SQLCompiler: positional, binds, positiontup
             dialect=dialect, column_keys=list(column_keys) if column_keys else None,
             for_executemany=True,  # no implicit RETURNING of generated ids
         )
@@ -91,8 +91,13 @@ def execute(
 
     Returns the result rows, converted, for statements that produce rows (else ``[]``).
     """
-    many = not isinstance(params, Mapping)
-    bound = [prepared.bind(p) for p in params] if many else prepared.bind(params)  # type: ignore[union-attr]
+    bound: list[Any] | Any
+    if isinstance(params, Mapping):
+        bound = prepared.bind(params)
+        many = False
+    else:
+        bound = [prepared.bind(p) for p in params]
+        many = True
     dbapi_conn = conn.connection.dbapi_connection
     assert dbapi_conn is not None
     cursor = dbapi_conn.cursor()

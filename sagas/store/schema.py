@@ -21,7 +21,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.functions import FunctionElement
 
 
-class db_now(FunctionElement):  # noqa: N801 - used like the SQL function it names
+class db_now(FunctionElement[datetime]):  # noqa: N801 - used like the SQL function it names
     """The database clock with sub-second precision on every dialect we support."""
 
     type = DateTime(timezone=True)

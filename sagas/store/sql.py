@@ -25,6 +25,7 @@ from sqlalchemy import (
     JSON,
     Connection,
     Engine,
+    Table,
     bindparam,
     create_engine,
     event,
@@ -45,9 +46,9 @@ from sagas.store.prepared import PreparedSet
 from sagas.store.prepared import execute as run
 from sagas.store.schema import EventRow, SagaRow, StepRow, db_now
 
-sagas_t = SagaRow.__table__
-steps_t = StepRow.__table__
-events_t = EventRow.__table__
+sagas_t: Table = SagaRow.__table__  # type: ignore[assignment]
+steps_t: Table = StepRow.__table__  # type: ignore[assignment]
+events_t: Table = EventRow.__table__  # type: ignore[assignment]
 
 READ_ONLY = "sagas_read_only"
 """Execution option of a read transaction: on SQLite it begins without the write lock."""

@@ -16,9 +16,9 @@ import uvicorn
 
 from config.settings import Settings
 from config.web import create_app
-from tests.support.engine import start_saga
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
+from tests.support.engine import start_saga
 from tests.support.services import free_port, require_service
 
 ROOT = Path(__file__).resolve().parents[2]

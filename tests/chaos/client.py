@@ -18,8 +18,8 @@ import time
 from typing import Any
 
 import config
-from tests.support.engine import start_saga
 from sagas.errors import StoreUnavailableError
+from tests.support.engine import start_saga
 
 ITEMS = ("laptop", "phone", "book")
 

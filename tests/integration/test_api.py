@@ -22,9 +22,9 @@ from fastapi.testclient import TestClient
 
 from config.settings import Settings
 from config.web import create_app
-from tests.support.engine import get_store, start_saga
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
+from tests.support.engine import get_store, start_saga
 from tests.support.services import free_port
 
 pytestmark = [

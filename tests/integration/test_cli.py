@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.engine import get_store, start_saga
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
+from tests.support.engine import get_store, start_saga
 from tests.support.services import free_port
 
 pytestmark = pytest.mark.integration
@@ -75,7 +75,8 @@ def test_db_upgrade_makes_a_fresh_database_ready_to_list(tmp_path: Path, redis_s
     assert sagas(env, "db", "upgrade").returncode == 0, "upgrading twice is harmless"
     import sqlalchemy
 
-    tables = set(sqlalchemy.inspect(sqlalchemy.create_engine(env["DATABASE_URL"])).get_table_names())
+    inspector = sqlalchemy.inspect(sqlalchemy.create_engine(env["DATABASE_URL"]))
+    tables = set(inspector.get_table_names())
     assert tables == {"saga_instances", "saga_steps", "saga_events", "saga_outbox",
                       "sagas_alembic_version"}, "only the engine's tables, none of the sample's"
     listed = sagas(env, "list", "--json")

@@ -18,14 +18,14 @@ from sqlalchemy import func, select
 
 from config import app, queues
 from sagas.coordinator import IgnoreKind, StepFailed, StepRetrying, StepSucceeded
-from sagas.runtime.dispatch import TIME_LIMIT_HARD_MARGIN
 from sagas.errors import IdempotencyConflictError
-from tests.support.engine import apply_event, get_store, start_saga
-from sagas.store.sql import sagas_t
+from sagas.runtime.dispatch import TIME_LIMIT_HARD_MARGIN
 from sagas.runtime.worker import SagaTask
+from sagas.store.sql import sagas_t
 from tests.chaos import crash_sagas as cs
 from tests.chaos.cluster import Cluster
 from tests.conftest import use_database
+from tests.support.engine import apply_event, get_store, start_saga
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from config import app
-from tests.support.engine import start_saga
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
+from tests.support.engine import start_saga
 
 pytestmark = pytest.mark.integration
 

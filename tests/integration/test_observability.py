@@ -20,10 +20,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode, format_span_id, format_trace_id
 
 from config import app
-from tests.support.engine import start_saga
 from sagas.observe import metrics, tracing
 from tests.conftest import Backend, wait_for_saga
 from tests.support import obs_sagas
+from tests.support.engine import start_saga
 from tests.support.services import free_port
 from tests.support.workers import WorkerProcess
 

@@ -16,16 +16,15 @@ import pytest
 from kombu import Connection, Exchange, Queue
 from sqlalchemy import select, update
 
-from tests.support.engine import start_saga
 from sagas import SagaSettings
-from sagas.runtime import relay as outbox
-from sagas.store import outbox as store_outbox
 from sagas.coordinator import Decision, SagaSnapshot, StepSnapshot, Transition
-from tests.support.engine import get_store
+from sagas.runtime import relay as outbox
 from sagas.states import SagaState, StepState
+from sagas.store import outbox as store_outbox
 from sagas.store.sql import Store
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
+from tests.support.engine import get_store, start_saga
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -177,7 +176,9 @@ def test_a_failing_publish_is_retried_with_backoff_then_dead_lettered(scratch_st
     assert calls.count(first) == 3
     assert outbox.requeue_dead(scratch_store) >= 1
     sent: list[str] = []
-    outbox.Relay(scratch_store, SagaSettings(), lambda row: sent.append(row["event_id"]), retention=0).run_once()
+    outbox.Relay(
+        scratch_store, SagaSettings(), lambda row: sent.append(row["event_id"]), retention=0
+    ).run_once()
     assert {s for s, _ in statuses(scratch_store)} == {"sent"}
 
 

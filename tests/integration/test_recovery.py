@@ -24,12 +24,11 @@ import redis
 from sqlalchemy import select, update
 
 from sagas.coordinator import StepSucceeded
-from tests.support.engine import recover_stalled
-from tests.support.engine import apply_event, get_store, start_saga
 from sagas.store.sql import sagas_t, utcnow
 from tests.chaos import crash_sagas as cs
 from tests.chaos.cluster import Cluster
 from tests.conftest import fresh_database, use_database
+from tests.support.engine import apply_event, get_store, recover_stalled, start_saga
 
 pytestmark = pytest.mark.integration
 
