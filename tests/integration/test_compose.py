@@ -46,7 +46,8 @@ def test_the_procfile_has_web_beat_flower_relay_and_one_worker_entry_per_queue()
         assert re.search(rf"celery -A config worker -Q {queue}(\s|$)", command), command
     assert "celery -A config flower" in entries["flower"]
     assert "celery -A config beat" in entries["beat"]
-    assert entries["relay"] == "exec sagas relay"
+    assert entries["relay"] == "exec sagas -A config relay"
+    assert "sagas -A config db upgrade" in entries["web"] and "tasks.migrate" in entries["web"]
     assert "uvicorn config.web:app" in entries["web"] and "$PORT" in entries["web"].replace(
         "${PORT:-8000}", "$PORT")
     check = subprocess.run([str(BIN / "honcho"), "check"], cwd=ROOT, capture_output=True,
