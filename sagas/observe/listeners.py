@@ -24,6 +24,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from celery.signals import (
+    task_failure,
+    task_postrun,
+    task_prerun,
+    task_retry,
+    worker_process_init,
+)
+
 from sagas.runtime.message import StepContext
 
 log = logging.getLogger("sagas.listeners")
@@ -302,8 +310,6 @@ def _on_postrun(sender: Any = None, task_id: str = "", state: str | None = None,
 def _wire_attempt_hooks() -> None:
     """Connect the task signals only if some listener has attempt hooks: zero cost otherwise."""
     global _attempt_hooks
-    from celery.signals import task_failure, task_postrun, task_prerun, task_retry
-
     wanted = any(_overrides(x, "before_attempt", "after_attempt") for x in _active or ())
     if wanted == _attempt_hooks:
         return
@@ -327,8 +333,6 @@ def _worker_process_init(**_: Any) -> None:
 
 
 def _wire_worker_signals() -> None:
-    from celery.signals import worker_process_init
-
     worker_process_init.connect(
         _worker_process_init, weak=False, dispatch_uid="sagas.listeners.worker_process_init"
     )

@@ -22,6 +22,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -175,8 +176,6 @@ _served = False
 def serve_worker_metrics(port: int | None, addr: str = "0.0.0.0") -> bool:
     """In a worker's main process: serve the pool's aggregated metrics on ``port``."""
     global _served
-    from prometheus_client import start_http_server
-
     if not port or _served:
         return False
     if not multiprocess_dir():

@@ -18,6 +18,7 @@ from contextvars import ContextVar
 from importlib.metadata import entry_points
 from typing import Any
 
+from celery.signals import task_postrun, task_prerun
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -159,8 +160,6 @@ def _coordinator_postrun(sender: Any = None, task: Any = None, **_: Any) -> None
 
 
 def _wire_coordinator_hooks(on: bool) -> None:
-    from celery.signals import task_postrun, task_prerun
-
     for signal, receiver in ((task_prerun, _coordinator_prerun),
                              (task_postrun, _coordinator_postrun)):
         uid = f"sagas.observe.tracing.{signal.name}"

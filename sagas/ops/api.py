@@ -13,10 +13,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+    status,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,7 +43,9 @@ from sagas.errors import (
     StoreUnavailableError,
     outage_of,
 )
+from sagas.observe import metrics
 from sagas.states import SagaState
+from sagas.store.schema import SagaRow
 from sagas.store.sql import Store
 
 log = logging.getLogger("sagas.api")
@@ -175,8 +188,6 @@ class AdminAuth:
 # --- health ------------------------------------------------------------------
 def check_database(store: Store) -> str:
     """'ok', or why not: reads the saga table, so an unmigrated database is not healthy."""
-    from sagas.store.schema import SagaRow
-
     try:
         with store.read() as conn:
             conn.execute(select(SagaRow.id).limit(1)).all()
@@ -387,11 +398,6 @@ class BodySizeLimit:
 # --- metrics -----------------------------------------------------------------
 def metrics_router(engine: Sagas) -> APIRouter:
     """``/metrics`` in Prometheus text; ``sagas_in_flight`` counts ``engine``'s store."""
-    from fastapi import Response
-    from prometheus_client import CONTENT_TYPE_LATEST
-
-    from sagas.observe import metrics
-
     metrics.count_in_flight_of(lambda: engine.store)
     router = APIRouter(tags=["observability"])
 

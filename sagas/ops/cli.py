@@ -36,6 +36,7 @@ from sagas.errors import (
     StoreUnavailableError,
     outage_of,
 )
+from sagas.ops.audit import audit as run_audit
 from sagas.runtime import relay as outbox
 from sagas.store.outbox import DEAD, PENDING, SENT
 
@@ -302,8 +303,6 @@ def audit(
         "--no-idle", help="Sagas may still be running: do not flag live ones")] = False,
 ) -> None:
     """Check the engine's invariants on every saga in the store, then the app's own checks."""
-    from sagas.ops.audit import audit as run_audit
-
     report = run_audit(engine(), idle=not no_idle)
     if as_json:
         print_json(report.as_dict())

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from kombu import Connection as KombuConnection  # type: ignore[attr-defined]
+from kombu import Exchange  # type: ignore[attr-defined]
 from sqlalchemy import Connection, delete, func, select, update
 
 from sagas.settings import SagaSettings
@@ -49,8 +51,6 @@ class KombuPublisher:
     """Publishes one outbox row to the topic exchange; reconnects after a broker error."""
 
     def __init__(self, url: str, exchange: str = EXCHANGE) -> None:
-        from kombu import Exchange  # type: ignore[attr-defined]
-
         self.url = url
         self.exchange = Exchange(exchange, type="topic", durable=True)  # type: ignore[no-untyped-call]
         self._conn: Any = None
@@ -58,8 +58,6 @@ class KombuPublisher:
 
     def _ensure(self) -> Any:
         if self._producer is None:
-            from kombu import Connection as KombuConnection  # type: ignore[attr-defined]
-
             self._conn = KombuConnection(self.url, connect_timeout=5)  # type: ignore[no-untyped-call]
             self._conn.ensure_connection(max_retries=1)
             self._producer = self._conn.Producer(serializer="json")
