@@ -147,8 +147,15 @@ class Sagas:
             self._wrap_steps(finalize=True)
 
     def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is self.app:
-            self._wrap_steps(finalize=True)  # a task that cannot be wrapped stops the worker
+        if getattr(sender, "app", None) is not self.app:
+            return
+        try:
+            self._wrap_steps(finalize=True)
+        except DefinitionError as exc:
+            # Celery logs and swallows a receiver's Exception; a worker that would run this
+            # step wrongly must not start at all.
+            log.critical("worker refused to start: %s", exc)
+            raise SystemExit(1) from exc
 
     def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is self.app:

@@ -18,7 +18,9 @@ class WorkerProcess:
     def __init__(
         self, env: dict[str, str], queues: str = ALL_QUEUES, concurrency: int = 4,
         name: str = "w", log_dir: Path | None = None, extra: list[str] | None = None,
+        app: str = "config",
     ) -> None:
+        self.app = app
         self.env = env
         self.queues = queues
         self.concurrency = concurrency
@@ -32,7 +34,7 @@ class WorkerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "config", "worker",
+                sys.executable, "-m", "celery", "-A", self.app, "worker",
                 "-Q", self.queues, "-c", str(self.concurrency), "-P", "prefork",
                 "-n", f"{self.name}-{os.getpid()}@%h", "--loglevel=INFO",
                 "--without-gossip", "--without-mingle", *self.extra,
