@@ -1,4 +1,4 @@
-"""The tree keeps its shape: the engine imports nothing of the sample or the tools, and no cycles."""
+"""The tree keeps its shape: no sample or tools in the engine, and no import cycles."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_the_engine_has_no_import_cycles():
         stack.append(node)
         for dep in sorted(graph.get(node, ())):
             if seen.get(dep) == 1:
-                cycle = stack[stack.index(dep):] + [dep]
+                cycle = [*stack[stack.index(dep):], dep]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if dep not in seen:
                 visit(dep)

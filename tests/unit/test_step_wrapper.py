@@ -64,7 +64,7 @@ def test_wrapping_twice_changes_nothing():
 
 
 def test_a_task_that_cannot_be_wrapped_is_refused_naming_the_step():
-    with pytest.raises(DefinitionError, match="step 'pay'.*svc.slotted"):
+    with pytest.raises(DefinitionError, match=r"step .pay.*svc\.slotted"):
         wrap_step_task(_Frozen(), "pay")
 
 
