@@ -22,7 +22,7 @@ from sagas.observe import setup as observe_setup
 from sagas.runtime import worker
 from sagas.runtime.binding import Binding, bind, binding_of
 from sagas.runtime.dispatch import RECOVER_TASK
-from sagas.runtime.handle import SagaHandle
+from sagas.runtime.handle import SagaHandle, SagaOutcome, read_outcomes
 from sagas.runtime.recovery import BEAT_ENTRY, RecoveryReport, beat_entry, recover_stalled
 from sagas.runtime.relay import Relay
 from sagas.runtime.transitions import cancel_saga, retry_saga, start_saga
@@ -189,6 +189,10 @@ class Sagas:
     def states(self, saga_ids: Sequence[str]) -> dict[str, SagaState]:
         """The states of many sagas in one query; ids never recorded are absent."""
         return {k: SagaState(v) for k, v in self.store.saga_states(saga_ids).items()}
+
+    def outcomes(self, saga_ids: Sequence[str]) -> dict[str, SagaOutcome]:
+        """Many sagas with their steps, in two queries; ids never recorded are absent."""
+        return read_outcomes(self._binding, saga_ids)
 
     def retry(self, saga_id: str) -> Decision:
         """Resume a parked (COMPENSATION_FAILED) saga, or re-drive a stalled one."""

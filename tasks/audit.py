@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from config.settings import get_app_settings
 from sagas.ops.audit import Finding, audit_idle
-from sagas.store.sql import sagas_t
+from tasks.db import transaction
 from tasks.models import Charge, Refund, Reservation, Shipment, Stock
 
 if TYPE_CHECKING:
@@ -52,13 +52,13 @@ def order_ledgers(
         starting_stock if starting_stock is not None else get_app_settings().starting_stock
     )
     idle = idle and audit_idle()
-    with engine.store.read() as conn:
-        sagas = {
-            str(r.id): str(r.state)
-            for r in conn.execute(
-                select(sagas_t.c.id, sagas_t.c.state).where(sagas_t.c.name == ORDER_SAGA)
-            )
-        }
+    sagas: dict[str, str] = {}
+    while True:  # the engine's own read of every order saga's state, a page at a time
+        page, total = engine.store.list_sagas(name=ORDER_SAGA, limit=1000, offset=len(sagas))
+        sagas.update({r["id"]: r["state"] for r in page})
+        if not page or len(sagas) >= total:
+            break
+    with transaction() as conn:
         reservations = conn.execute(select(Reservation.__table__)).all()
         charges = conn.execute(select(Charge.__table__)).all()
         refunds = conn.execute(select(Refund.__table__)).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -95,6 +96,4 @@ def release(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def _now() -> Any:
-    from sagas.store.sql import utcnow
-
-    return utcnow()
+    return datetime.now(UTC)

@@ -8,8 +8,10 @@ before any worker has picked the start message up, and a reused key with another
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -20,10 +22,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql import Select
 
+from config import engine
+from sagas import SagaOutcome, SagaState
 from sagas.ops.api import AdminAuth, Problem
-from sagas.states import SagaState
-from sagas.store.schema import SagaRow, StepRow
-from sagas.store.sql import input_digest, utcnow
 from tasks.db import transaction
 from tasks.models import Charge, DomainBase, Refund, Reservation, Shipment, Stock
 from tasks.order_saga import OrderInput, start_order_saga
@@ -47,8 +48,10 @@ class Order(DomainBase):
 
 
 orders_t: Table = Order.__table__  # type: ignore[assignment]
-sagas_t: Table = SagaRow.__table__  # type: ignore[assignment]
-steps_t: Table = StepRow.__table__  # type: ignore[assignment]
+
+
+def body_digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # --- request and response models ---------------------------------------------
@@ -134,21 +137,18 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0)]
 SagaFilter = Annotated[str | None, Query(max_length=64, description="Only this saga's rows")]
 
-_ORDER_COLUMNS = (
-    orders_t, sagas_t.c.state.label("saga_state"), sagas_t.c.error.label("saga_error"),
-)
-
-
 def _orders_query() -> Select[Any]:
-    return select(*_ORDER_COLUMNS).outerjoin(sagas_t, sagas_t.c.id == orders_t.c.saga_id)
+    return select(orders_t)
 
 
-def _order_out(row: Any, steps: dict[str, str] | None = None) -> OrderOut:
+def _order_out(row: Any, saga: SagaOutcome | None, with_steps: bool = False) -> OrderOut:
+    """An order and its saga as the engine reports it (PENDING until a worker starts it)."""
     body = row.body
+    steps = {n: str(s.state) for n, s in saga.steps.items()} if saga and with_steps else None
     return OrderOut(
-        id=row.id, saga_id=row.saga_id, status=row.saga_state or SagaState.PENDING,
+        id=row.id, saga_id=row.saga_id, status=saga.state if saga else SagaState.PENDING,
         customer_id=body["customer_id"], item=body["item"], quantity=body["quantity"],
-        price=body["price"], amount=order_amount(body), error=row.saga_error,
+        price=body["price"], amount=order_amount(body), error=saga.error if saga else None,
         created_at=row.created_at, steps=steps,
     )
 
@@ -156,6 +156,10 @@ def _order_out(row: Any, steps: dict[str, str] | None = None) -> OrderOut:
 def _find(column: Any, value: str) -> Any:
     with transaction() as conn:
         return conn.execute(_orders_query().where(column == value)).first()
+
+
+def _saga_of(row: Any) -> SagaOutcome | None:
+    return engine.outcomes([row.saga_id]).get(row.saga_id)
 
 
 def _page(model: type[BaseModel], table: Table, saga_id: str | None, limit: int, offset: int,
@@ -188,11 +192,12 @@ def _replay(existing: Any, digest: str, payload: dict[str, Any], key: str,
             f"Idempotency-Key {key!r} was already used for order {existing.id} "
             "with a different body",
         )
-    if existing.saga_state is None:
+    saga = _saga_of(existing)
+    if saga is None:
         # The first request may have died between its commit and its publish.
         _enqueue(existing.id, existing.body, key)
     response.headers["Idempotent-Replayed"] = "true"
-    return _order_out(existing)
+    return _order_out(existing, saga)
 
 
 # --- the router ----------------------------------------------------------------
@@ -221,7 +226,7 @@ def orders_router(auth: AdminAuth) -> APIRouter:
     ) -> OrderOut:
         """Accept an order and start its saga; 202 because the saga runs on the workers."""
         payload = order.model_dump(mode="json")
-        digest = input_digest(payload)
+        digest = body_digest(payload)
         if idempotency_key:
             existing = _find(orders_t.c.idempotency_key, idempotency_key)
             if existing is not None:
@@ -232,7 +237,7 @@ def orders_router(auth: AdminAuth) -> APIRouter:
                 conn.execute(insert(orders_t).values(
                     id=order_id, saga_id=order_id, idempotency_key=idempotency_key,
                     body_digest=digest, customer_id=order.customer_id, body=payload,
-                    created_at=utcnow(),
+                    created_at=datetime.now(UTC),
                 ))
         except IntegrityError:
             # Lost a race with a concurrent request carrying the same key.
@@ -250,7 +255,8 @@ def orders_router(auth: AdminAuth) -> APIRouter:
                     conn.execute(delete(orders_t).where(orders_t.c.id == order_id))
             raise
         response.headers["Location"] = f"/orders/{order_id}"
-        return _order_out(_find(orders_t.c.id, order_id))
+        created = _find(orders_t.c.id, order_id)
+        return _order_out(created, _saga_of(created))
 
     @router.get("/orders", response_model=Page[OrderOut], tags=["orders"], dependencies=read,
                 responses=read_errors)
@@ -269,8 +275,9 @@ def orders_router(auth: AdminAuth) -> APIRouter:
         with transaction() as conn:
             rows = conn.execute(query.limit(limit).offset(offset)).all()
             total = int(conn.execute(count).scalar_one())
+        sagas = engine.outcomes([r.saga_id for r in rows])  # one read for the whole page
         return {"total": total, "limit": limit, "offset": offset,
-                "items": [_order_out(r) for r in rows]}
+                "items": [_order_out(r, sagas.get(r.saga_id)) for r in rows]}
 
     @router.get("/orders/{order_id}", response_model=OrderOut, tags=["orders"],
                 dependencies=read, responses={**read_errors, 404: {"model": Problem}})
@@ -279,11 +286,7 @@ def orders_router(auth: AdminAuth) -> APIRouter:
         row = _find(orders_t.c.id, order_id)
         if row is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no order with id {order_id!r}")
-        with transaction() as conn:
-            steps = conn.execute(
-                select(steps_t.c.name, steps_t.c.state).where(steps_t.c.saga_id == row.saga_id)
-            ).all()
-        return _order_out(row, {s.name: s.state for s in steps})
+        return _order_out(row, _saga_of(row), with_steps=True)
 
     @router.get("/inventory", response_model=InventoryOut, tags=["ledgers"], dependencies=read,
                 responses=read_errors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,3 +113,22 @@ class SagaHandle:
                 )
             time.sleep(min(interval, remaining))
             interval = min(poll_max, interval * 1.5)
+
+
+def read_outcomes(binding: Binding, saga_ids: Sequence[str]) -> dict[str, SagaOutcome]:
+    """The outcomes of many sagas in two queries; ids never recorded are absent."""
+    store = binding.store
+    sagas, steps = store.read_outcomes(saga_ids)
+    out: dict[str, SagaOutcome] = {}
+    for saga in sagas:
+        rows = {str(r.name): r for r in steps.get(str(saga.id), [])}
+        order = store.ordered_steps(str(saga.name), list(rows))
+        out[str(saga.id)] = SagaOutcome(
+            id=str(saga.id), name=str(saga.name), state=SagaState(saga.state), error=saga.error,
+            steps={
+                n: StepOutcome(n, StepState(rows[n].state), rows[n].result, rows[n].error,
+                               int(rows[n].attempts), int(rows[n].compensation_attempts))
+                for n in order
+            },
+        )
+    return out

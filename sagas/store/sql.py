@@ -475,6 +475,32 @@ class Store:
                 out.update({str(r.id): str(r.state) for r in rows})
         return out
 
+    def read_outcomes(
+        self, saga_ids: Sequence[str]
+    ) -> tuple[list[Any], dict[str, list[Any]]]:
+        """Saga rows (id, name, state, error) and their step rows, in two queries per 500 ids."""
+        ids = list(dict.fromkeys(saga_ids))
+        sagas: list[Any] = []
+        steps: dict[str, list[Any]] = {}
+        with self.read() as conn:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                sagas += conn.execute(
+                    select(sagas_t.c.id, sagas_t.c.name, sagas_t.c.state, sagas_t.c.error)
+                    .where(sagas_t.c.id.in_(chunk))
+                ).all()
+                for row in conn.execute(
+                    select(steps_t.c.saga_id, steps_t.c.name, steps_t.c.state, steps_t.c.result,
+                           steps_t.c.error, steps_t.c.attempts, steps_t.c.compensation_attempts)
+                    .where(steps_t.c.saga_id.in_(chunk))
+                ):
+                    steps.setdefault(str(row.saga_id), []).append(row)
+        return sagas, steps
+
+    def ordered_steps(self, saga_name: str, names: list[str]) -> list[str]:
+        """Step names in the definition's order (unknown ones last, by name)."""
+        return self._step_order(saga_name, names)
+
     def step_states(self, saga_ids: list[str]) -> dict[str, dict[str, str]]:
         with self.read() as conn:
             rows = conn.execute(

@@ -362,11 +362,20 @@ def test_an_unreadable_store_raises_store_unavailable(tmp_path: Path) -> None:
 
 
 # --- the order sample's ledger check as a plug-in ------------------------------------------
-def test_the_order_ledger_check_plugs_in_and_follows_no_idle(engine: sagas.Sagas) -> None:
+def test_the_order_ledger_check_plugs_in_and_follows_no_idle(
+    engine: sagas.Sagas, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    from config.settings import get_app_settings
     from tasks.audit import order_ledger_check
+    from tasks.db import get_engine
     from tasks.models import DomainBase
 
-    DomainBase.metadata.create_all(engine.store.engine)
+    # The participants' ledgers are in their own database: here, the same file as the store.
+    monkeypatch.setenv("DATABASE_URL", engine.settings.database_url)
+    get_app_settings.cache_clear()
+    request.addfinalizer(get_app_settings.cache_clear)
+    monkeypatch.setattr("tasks.db._engines", {})
+    DomainBase.metadata.create_all(get_engine())
     write_saga(engine, "order-1", "COMPLETED",
                {"reserve_inventory": ("SUCCEEDED", ["RUNNING", "SUCCEEDED"])}, name="order")
     write_saga(engine, "order-2", "RUNNING",
