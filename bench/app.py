@@ -1,8 +1,11 @@
-"""Trivial tasks for ``sagas bench``: the same three steps run as a saga and as a raw chain.
+"""The bench's own Celery app: the same three trivial steps run as a saga and as a raw chain.
 
-The tasks are built on ``SagaTask`` (the app's default task class), so the saga variant records
-its progress where each step ran, while the raw variant calls the very same tasks as a plain
-``chain``: any difference in the figures is the engine's cost, not the tasks'.
+A tool built on the public binding only, like any application: its own ``Celery("bench")``
+configured as a production app would be (JSON, late acks, prefetch 1), ``Sagas(app, settings)``
+with settings from the environment (``DATABASE_URL``, ``REDIS_URL``), plain ``@app.task`` steps
+the engine wraps itself, and the saga registered with ``engine.register``. Its workers run
+``celery -A bench.app worker -Q bench,saga``. The raw variant calls the very same tasks as a
+plain ``chain``: any difference in the figures is the engine's cost, not the tasks'.
 
 Measurement hooks are installed only when ``SAGAS_BENCH_DIR`` is set (workers the bench starts):
 - the last task of a saga or chain pushes ``"<key>|<monotonic time>"`` to a Redis list, after
@@ -20,16 +23,54 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery import chain
+from celery import Celery, chain
 from celery.signals import task_postrun
 
-from config import app
-from sagas.definition import RetryPolicy, Saga, Step
-from sagas.errors import BusinessError
+from sagas import BusinessError, RetryPolicy, Saga, Sagas, SagaSettings, Step
 
 QUEUE = "bench"
 DONE_KEY = "bench:done"
 NO_RETRY = RetryPolicy(attempts=1, jitter=False)
+
+settings = SagaSettings()  # DATABASE_URL, REDIS_URL, ... from the environment
+
+app = Celery("bench", broker=settings.redis_url, backend=settings.redis_url)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    event_serializer="json",
+    task_default_queue=settings.saga_queue,
+    # Results are not read on the happy path; failures are stored for the failure handler.
+    task_ignore_result=True,
+    task_store_errors_even_if_ignored=True,
+    result_expires=7 * 24 * 3600,
+    # At-least-once delivery, one message at a time per pool process, as the sample runs.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_retry_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    broker_transport_options={"visibility_timeout": 3600},
+    result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    timezone="UTC",
+)
+
+engine = Sagas(app, settings)
+
+
+def point_at(redis_url: str, database_url: str) -> None:
+    """Re-point this process's app and engine (the bench may have imported it before choosing
+    its private Redis and database); workers get both from the environment instead."""
+    current = engine.settings
+    if (current.redis_url, current.database_url) != (redis_url, database_url):
+        engine.settings = current.model_copy(
+            update={"redis_url": redis_url, "database_url": database_url}
+        )
+    app.conf.broker_url = redis_url
+    app.conf.result_backend = redis_url
 
 
 def _payload(arg: dict[str, Any]) -> dict[str, Any]:
@@ -70,20 +111,20 @@ def release(arg: dict[str, Any]) -> dict[str, Any]:
     return _carry(arg)
 
 
-@app.task(name="bench.raw_failed", queue="saga", bind=True)
+@app.task(name="bench.raw_failed", queue=settings.saga_queue, bind=True)
 def raw_failed(self: Any, task_id: str, payload: dict[str, Any]) -> None:
     """The raw chain's errback (sent as a message): enqueue the two compensations, newest first."""
     chain(refund.s(payload), release.s()).apply_async()
 
 
-bench_saga = Saga(
+bench_saga = engine.register(Saga(
     "bench",
     steps=[
         Step("reserve", action=reserve, compensation=release, queue=QUEUE, retry=NO_RETRY),
         Step("charge", action=charge, compensation=refund, queue=QUEUE, retry=NO_RETRY),
         Step("ship", action=ship, queue=QUEUE, retry=NO_RETRY),
     ],
-)
+))
 
 
 def raw_chain(payload: dict[str, Any]) -> Any:
@@ -143,14 +184,18 @@ def _marker(sender: Any = None, task: Any = None, args: Any = None, state: Any =
     if _redis is None:
         import redis
 
-        from sagas.settings import get_settings
-
-        _redis = redis.Redis.from_url(get_settings().redis_url)
+        _redis = redis.Redis.from_url(engine.settings.redis_url)
     _redis.rpush(DONE_KEY, f"{key}|{time.monotonic():.6f}")
 
 
 def install_counters() -> None:
-    """Count SQL for any engine in this process (the bench client calls it for itself too)."""
+    """Count the SQL of this process (the bench client calls it for itself too).
+
+    The listener is on SQLAlchemy's ``Engine`` class, not on ``engine.store.engine``: the store
+    keeps one SQLAlchemy engine per process, so each prefork child builds its own after the
+    fork, and a listener put on the main process's engine would never see the children's SQL.
+    The saga store is the only database these processes use.
+    """
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 

@@ -10,7 +10,8 @@ enqueues the same two compensations.
 
 Everything is private by default: a redis-server on a free loopback port, a SQLite file in a
 temporary directory (PostgreSQL with ``--database-url``), and one prefork worker of concurrency 2
-serving the ``bench`` and ``saga`` queues. Benchmarks report; they assert nothing about speed.
+of the bench's own app (``celery -A bench.app worker -Q bench,saga``, see ``bench.app``).
+Benchmarks report; they assert nothing about speed.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sagas import Sagas
 from sagas.devtools.localredis import free_port, start_redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
+APP = "bench.app"  # the bench's own Celery app and engine, never the order sample's
 OURS, RAW = "saga", "raw"
 HAPPY, FAILURE = "happy", "failure"
 QUEUES = ("bench", "saga")
@@ -68,7 +71,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="broker to use (default: a private redis-server on a free port)")
     p.add_argument("--use-running-workers", action="store_true",
                    help="do not start workers: ones already serving the bench and saga queues "
-                   "on --redis-url and --database-url are used (no CPU or SQL figures)")
+                   f"(celery -A {APP} worker -Q bench,saga) on --redis-url and --database-url "
+                   "are used (no CPU or SQL figures)")
     p.add_argument("--no-failure", action="store_true", help="skip the failure path")
     p.add_argument("--quick", action="store_true",
                    help="a small run for smoke tests: N=50, repeat 1, 10 idle samples")
@@ -98,7 +102,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 def start_worker(env: dict[str, str], concurrency: int, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", ",".join(QUEUES),
+            [sys.executable, "-m", "celery", "-A", APP, "worker", "-Q", ",".join(QUEUES),
              "-c", str(concurrency), "-P", "prefork", "-n", f"bench-{os.getpid()}@%h",
              "--loglevel=WARNING", "--without-gossip", "--without-mingle",
              "--without-heartbeat"],
@@ -267,12 +271,11 @@ def percentile(values: list[float], q: float) -> float:
 
 class Bench:
     def __init__(self, env: Env, args: argparse.Namespace, tick: Callable[[int], None]) -> None:
-        from bench.app import DONE_KEY, bench_saga, raw_chain
-        from sagas.runtime.transitions import start_saga
+        from bench.app import DONE_KEY, bench_saga, engine, raw_chain
 
         self.env, self.args, self.tick = env, args, tick
         self.done_key = DONE_KEY
-        self._start_saga = lambda payload: start_saga(bench_saga, payload)
+        self._start_saga = lambda payload: engine.start(bench_saga, payload).id
         self._raw = lambda payload: raw_chain(payload).apply_async()
 
     def submit(self, variant: str, payload: dict[str, Any]) -> None:
@@ -514,13 +517,9 @@ def bench_env(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[Env, st
         else:
             redis_proc, redis_url = start_redis(workdir)
         database_url = args.database_url or f"sqlite:///{workdir}/bench.db"
-        _point_here(redis_url, database_url, workdir)
-        from sagas.store.migrate import upgrade
-
-        upgrade()
+        _point_here(redis_url, database_url, workdir).upgrade_schema()
         if not args.use_running_workers:
             env = dict(os.environ)
-            env.pop("SAGAS_IMPORTS", None)
             env.update(REDIS_URL=redis_url, DATABASE_URL=database_url,
                        SAGAS_BENCH_DIR=str(workdir),
                        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
@@ -534,22 +533,16 @@ def bench_env(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[Env, st
         stop_group(redis_proc)
 
 
-def _point_here(redis_url: str, database_url: str, workdir: Path) -> None:
-    """This process may have imported the app already: re-point settings and the Celery app."""
+def _point_here(redis_url: str, database_url: str, workdir: Path) -> Sagas:
+    """Point this process (and the workers it starts, by the environment) at the bench's own
+    Redis and database; returns the bench app's engine."""
     os.environ.update(REDIS_URL=redis_url, DATABASE_URL=database_url,
                       SAGAS_BENCH_DIR=str(workdir))
-    from config.settings import get_app_settings
-    from sagas.settings import get_settings
+    from bench.app import engine, install_counters, point_at
 
-    get_settings.cache_clear()
-    get_app_settings.cache_clear()
-    from config import app
-
-    app.conf.broker_url = redis_url
-    app.conf.result_backend = redis_url
-    from bench.app import install_counters
-
-    install_counters()  # the client's own statements (start_saga) are counted too
+    point_at(redis_url, database_url)  # in case bench.app was imported before
+    install_counters()  # the client's own statements (engine.start) are counted too
+    return engine
 
 
 def wait_ready(bench: Bench, worker: subprocess.Popen[bytes] | None, log: Path,

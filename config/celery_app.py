@@ -18,7 +18,8 @@ app = Celery(
     "sagas",
     broker=settings.redis_url,
     backend=settings.redis_url,
-    include=["tasks.inventory", "tasks.payment", "tasks.shipping", "tasks.order_saga"],
+    include=["tasks.inventory", "tasks.payment", "tasks.shipping", "tasks.order_saga",
+             "tasks.audit"],
 )
 app.conf.update(
     task_serializer="json",

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-import tasks  # noqa: F401 - registers the order saga
+import tasks.audit  # noqa: F401 - registers the ledger audit
+import tasks.order_saga  # noqa: F401 - registers the order saga
 from config.celery_app import app as celery_app
 from config.celery_app import engine
 from config.settings import Settings, get_app_settings

@@ -1,7 +1,5 @@
-"""The order sample: participant tasks of three services and the saga that binds them."""
+"""The order sample: participant tasks of three services and the saga that binds them.
 
-from tasks.order_saga import OrderInput, order_saga, start_order_saga
-
-__all__ = ["OrderInput", "order_saga", "start_order_saga"]
-
-import tasks.audit  # noqa: F401 - registers the ledger audit
+Nothing is imported here, so ``python -m tasks.demo`` can choose its Redis and database before
+the sample app reads its settings; the app's ``include`` imports the modules that register.
+"""

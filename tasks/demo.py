@@ -71,7 +71,7 @@ def _run(count: int, timeout: float, stack: ExitStack) -> int:
     import tasks.migrate
     from config import engine
     from sagas.devtools.localworkers import LocalWorker
-    from tasks import start_order_saga
+    from tasks.order_saga import start_order_saga
     from tasks.payment import order_amount
 
     engine.upgrade_schema()

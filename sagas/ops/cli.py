@@ -99,11 +99,16 @@ def operator_errors(fn: F) -> F:
 
 
 # --- the application ------------------------------------------------------------------------
+def _cwd_on_path() -> None:
+    """As ``celery -A`` does: the application (or the checkout's tools) is in the cwd."""
+    if str(Path.cwd()) not in sys.path and "" not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+
+
 def load_engine(spec: str) -> Sagas:
     """The engine ``module[:attribute]`` names (see the module docstring)."""
     module_name, _, attribute = spec.partition(":")
-    if str(Path.cwd()) not in sys.path and "" not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # as `celery -A` does: the app is in the cwd
+    _cwd_on_path()
     module = importlib.import_module(module_name)
     if attribute:
         target: Any = module
@@ -369,6 +374,7 @@ _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True,
 @cli.command("bench", context_settings=_PASS_THROUGH)
 def bench(ctx: typer.Context) -> None:
     """Our saga against a raw Celery chain, same run (from a checkout: bench/; --help)."""
+    _cwd_on_path()
     try:
         bench_run = importlib.import_module("bench.run")
     except ImportError:

@@ -15,10 +15,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def bench_env() -> dict[str, str]:
+    """``sagas bench`` from the checkout, with no application named: the bench brings its own
+    (bench.app), its own private SQLite file and its own Redis."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for name in ("DATABASE_URL", "SAGAS_APP", "SAGAS_IMPORTS"):
+        env.pop(name, None)
+    return env
+
+
 def test_bench_smoke_reports_figures_and_ratios(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("DATABASE_URL", None)  # the bench uses its own private SQLite file and Redis
+    env = bench_env()
     proc = subprocess.run(
         [sys.executable, "-m", "sagas.ops.cli", "bench", "-n", "20", "--repeat", "1", "--idle", "3",
          "--warmup", "2", "--json", str(out)],
@@ -53,8 +61,7 @@ def test_in_flight_study_reports_store_growth_the_reconcilers_index_and_worker_m
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "scale.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("DATABASE_URL", None)
+    env = bench_env()
     proc = subprocess.run(
         [sys.executable, "-m", "sagas.ops.cli", "bench", "--in-flight", "80", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,

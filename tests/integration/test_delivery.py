@@ -38,7 +38,7 @@ def test_delivery_settings_are_at_least_once_with_a_bounded_worker_lost_cap():
     assert conf.task_retry_on_worker_lost is True
     assert SagaTask.max_retries is not None and SagaTask.max_retries <= 5
     assert SagaTask.default_retry_delay <= 5, "a lost task is sent again promptly"
-    import tasks  # noqa: F401 - the order saga
+    import tasks.order_saga  # noqa: F401 - the order saga
     from config import engine
 
     longest = max(

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tasks import start_order_saga
+from tasks.order_saga import start_order_saga
 from tests.conftest import Backend, wait_for_saga
 from tests.support.services import free_port
 

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from config import app
-from tasks import start_order_saga
+from tasks.order_saga import start_order_saga
 from tasks.db import transaction
 from tasks.inventory import release, reserve
 from tasks.models import Charge, Refund, Reservation, Shipment, Stock
