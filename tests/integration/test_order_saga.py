@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import select
 
 from config import app
-from tasks.order_saga import start_order_saga
 from tasks.db import transaction
 from tasks.inventory import release, reserve
 from tasks.models import Charge, Refund, Reservation, Shipment, Stock
+from tasks.order_saga import start_order_saga
 from tasks.payment import charge, refund
 from tests.conftest import Backend, wait_for_saga
 
