@@ -61,7 +61,9 @@ class Sagas:
         self._unwrapped = False
         worker.install(self._binding)
         self._install_reconciler()
-        observe_setup.install(self._binding.settings, lambda: self._binding.store)
+        observe_setup.install(
+            self._binding.settings, lambda: self._binding.store, key=f"{app.main}@{id(app)}"
+        )
         uid = f"sagas.engine.{id(self)}"
         worker_init.connect(self._on_worker_init, weak=False, dispatch_uid=f"{uid}.init")
         worker_ready.connect(self._on_worker_ready, weak=False, dispatch_uid=f"{uid}.ready")

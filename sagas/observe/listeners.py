@@ -129,29 +129,29 @@ def _overrides(listener: SagaListener, *hooks: str) -> bool:
 
 
 Builder = Callable[[], Iterable[SagaListener]]
-_builder: Builder | None = None
+_builders: dict[str, Builder] = {}
 
 
-def configure(builder: Builder | None = None) -> tuple[SagaListener, ...]:
+def configure(builder: Builder | None = None, *, key: str = "default") -> tuple[SagaListener, ...]:
     """Build this process's listeners (idempotent); returns the active ones.
 
-    ``builder`` (given by ``Sagas(app, settings)``, see ``sagas.observe.setup``) makes the
-    listeners its settings name; it runs again in each forked worker process, so exporters and
-    threads belong to the process that uses them. Without one, only code-registered listeners
-    are active.
+    Each bound engine gives a ``builder`` (see ``sagas.observe.setup``) under its own ``key``;
+    the active listeners are all of theirs (one of each kind) plus those registered from code.
+    The builders run again in each forked worker process, so exporters and threads belong to
+    the process that uses them.
     """
-    global _active, _builder
+    global _active
     with _lock:
         if builder is not None:
-            _builder = builder
+            _builders[key] = builder
         elif _active is not None:
             return _active
         built: list[SagaListener] = []
-        if _builder is not None:
+        for name, make in _builders.items():
             try:
-                built = list(_builder())
+                built += [b for b in make() if not any(type(x) is type(b) for x in built)]
             except Exception:
-                log.exception("listeners could not be set up; only registered ones are active")
+                log.exception("listeners of %s could not be set up; they are left out", name)
         # A built-in already registered from code (tracing.enable) is not built twice.
         built = [b for b in built if not any(type(r) is type(b) for r in _registered)]
         _active = (*built, *_registered)

@@ -50,13 +50,13 @@ def listeners_named(names: str) -> list[SagaListener]:
     return built
 
 
-def install(settings: SagaSettings, store: metrics.StoreSource) -> None:
+def install(settings: SagaSettings, store: metrics.StoreSource, *, key: str) -> None:
     """Configure this process's listeners from ``settings`` and hook the worker's lifecycle.
 
     ``store`` is what a worker's ``/metrics`` counts ``sagas_in_flight`` in (the first engine
     bound in the process, unless a web app names its own).
     """
-    listeners.configure(lambda: listeners_named(settings.sagas_listeners))
+    listeners.configure(lambda: listeners_named(settings.sagas_listeners), key=key)
     metrics.count_in_flight_of(store, replace=False)
 
     def serve_metrics(sender: Any = None, **_: Any) -> None:

@@ -55,6 +55,27 @@ def test_an_order_reserves_stock_charges_once_and_ships(engine_backend: Backend)
     assert (shipment.sku, shipment.quantity) == ("laptop", 2)
 
 
+def test_a_handle_from_the_async_results_id_waits_for_the_orders_outcome(
+    engine_backend: Backend,
+):
+    from config import engine
+    from sagas import SagaState, StepState
+
+    declined = start_order_saga.delay(order(quantity=3, price=250))
+    shipped = start_order_saga.delay(order(quantity=1))
+    outcome = engine.handle(declined.id).wait(timeout=30)
+    assert outcome.state is SagaState.COMPENSATED
+    assert {n: s.state for n, s in outcome.steps.items()} == {
+        "reserve_inventory": StepState.COMPENSATED, "charge_payment": StepState.FAILED,
+        "ship_order": StepState.SKIPPED,
+    }
+    assert "declined" in (outcome.steps["charge_payment"].error or "")
+    good = engine.handle(shipped.id).wait(timeout=30)
+    assert good.succeeded and good.results["reserve_inventory"]["quantity"] == 1
+    assert engine.states([declined.id, shipped.id]) == {
+        declined.id: SagaState.COMPENSATED, shipped.id: SagaState.COMPLETED}
+
+
 def test_a_payment_over_500_is_declined_without_retry_and_stock_comes_back(
     engine_backend: Backend,
 ):

@@ -90,3 +90,19 @@ def test_two_engines_register_sagas_of_the_same_name_apart():
         Sagas(app_a)
     with pytest.raises(DefinitionError, match="a different saga named 'trip'"):
         engine_a.register(Saga("trip", [Step("c", action="svc.c")]))
+
+
+def test_a_second_engine_adds_its_listeners_and_keeps_the_firsts():
+    from sagas.observe import listeners
+
+    saved = (dict(listeners._builders), listeners._active)
+    try:
+        app_a, app_b = Celery("listen-a", broker="memory://"), Celery("listen-b", broker="memory://")
+        Sagas(app_a, SagaSettings(database_url="sqlite:///:memory:", sagas_listeners="json_log"))
+        Sagas(app_b, SagaSettings(database_url="sqlite:///:memory:", sagas_listeners=""))
+        kinds = [type(x).__name__ for x in listeners.configure()]
+        assert "JsonLogListener" in kinds, "the second engine did not drop the first's listeners"
+    finally:
+        listeners._builders.clear()
+        listeners._builders.update(saved[0])
+        listeners._active = saved[1]
