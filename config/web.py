@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-import tasks.audit  # noqa: F401 - registers the ledger audit
-import tasks.order_saga  # noqa: F401 - registers the order saga
+# The order saga and its ledger audit register with the engine when imported.
+import tasks.audit
+import tasks.order_saga  # noqa: F401
 from config.celery_app import app as celery_app
 from config.celery_app import engine
 from config.settings import Settings, get_app_settings
