@@ -49,6 +49,8 @@ class SagaSnapshot:
     input: dict[str, Any]
     steps: dict[str, StepSnapshot]
     error: str | None = None
+    version: int = 1  # the definition's version this instance runs on
+    fingerprint: str | None = None
 
     def results(self) -> dict[str, Any]:
         return {n: s.result for n, s in self.steps.items() if s.result is not None}
@@ -148,6 +150,8 @@ class IgnoreKind(StrEnum):
     PAST_PIVOT = "past_pivot"  # the saga can only go forward
     PIVOT_IN_FLIGHT = "pivot_in_flight"
     PRECONDITION = "precondition"  # the caller's own check under the row lock refused it
+    UNKNOWN_VERSION = "unknown_version"  # this process lacks the instance's definition version
+    GRAPH_CHANGED = "graph_changed"  # same version, other steps: this process cannot decide
 
 
 @dataclass(frozen=True)

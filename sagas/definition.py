@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,10 +99,14 @@ class Saga:
         *,
         input_model: type[BaseModel] | None = None,
         deadline: float | None = None,
+        version: int = 1,
     ) -> None:
         if not name:
             raise DefinitionError("a saga needs a name")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise DefinitionError(f"saga {name!r}: version must be a whole number >= 1")
         self.name = name
+        self.version = version
         self.input_model = input_model
         self.deadline = deadline
         self.steps: dict[str, Step] = {}
@@ -190,6 +196,22 @@ class Saga:
         known_set = set(known)
         return sorted(n for n in self.task_names() if n not in known_set)
 
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the graph: steps, dependencies, task names, pivot and queues.
+
+        Two definitions with one fingerprint decide every event alike; a changed graph under the
+        same version number shows as a different fingerprint (see ``Sagas`` at worker start).
+        """
+        shape = [
+            [name, list(self.parents[name]), self.steps[name].action_name,
+             self.steps[name].compensation_name, self.steps[name].pivot,
+             self.steps[name].target_queue]
+            for name in self.order
+        ]
+        canonical = json.dumps(shape, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
     # --- input ---------------------------------------------------------------
     def validate_input(self, data: Any) -> dict[str, Any]:
         if self.input_model is not None:
@@ -209,7 +231,7 @@ class Saga:
 
     # --- rendering -----------------------------------------------------------
     def render_text(self) -> str:
-        lines = [f"saga {self.name}"]
+        lines = [f"saga {self.name} v{self.version} ({self.fingerprint})"]
         for name in self.order:
             step = self.steps[name]
             deps = ", ".join(self.parents[name]) or "(start)"
@@ -234,7 +256,7 @@ class Saga:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"Saga({self.name!r}, steps={list(self.order)!r})"
+        return f"Saga({self.name!r}, v{self.version}, steps={list(self.order)!r})"
 
 
 def _format_validation(exc: ValidationError) -> str:

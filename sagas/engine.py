@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
@@ -34,6 +35,20 @@ from sagas.store.sql import Store
 log = logging.getLogger("sagas")
 
 AuditCheck = Callable[["Sagas"], Iterable[Any]]
+
+
+@dataclass(frozen=True)
+class VersionInUse:
+    """One saga version: its graph's fingerprint, how many instances run on it, and whether
+    this process registers it (and with the same graph)."""
+
+    name: str
+    version: int
+    fingerprint: str | None
+    in_flight: int
+    total: int
+    registered: bool
+    changed: bool
 """A domain's own audit: given the engine, yields findings (see ``sagas.ops.audit``)."""
 
 
@@ -120,9 +135,39 @@ class Sagas:
     def sagas(self) -> dict[str, Saga]:
         return dict(self._binding.sagas)
 
-    def saga(self, name: str) -> Saga:
-        """The registered saga named ``name``; raises ``UnknownSagaError``."""
-        return self._binding.saga(name)
+    def saga(self, name: str, version: int | None = None) -> Saga:
+        """The registered saga ``name`` at ``version`` (the newest when None).
+
+        Raises ``UnknownSagaError`` (or ``UnknownSagaVersionError``) when it is not registered.
+        """
+        return self._binding.saga(name, version)
+
+    def versions(self) -> list[VersionInUse]:
+        """Every saga version in the store or registered here, with its in-flight count.
+
+        ``in_flight`` counts instances not yet settled (parked included): an old version with
+        none left can be deleted from the code.
+        """
+        rows = self.store.versions_in_use()
+        seen = {(r["name"], r["version"]) for r in rows}
+        out = [
+            VersionInUse(
+                r["name"], r["version"], r["fingerprint"], r["in_flight"], r["total"],
+                registered=(found := self._binding.find(r["name"], r["version"])) is not None,
+                changed=found is not None and r["fingerprint"] is not None
+                and found.fingerprint != r["fingerprint"],
+            )
+            for r in rows
+        ]
+        out += [
+            VersionInUse(s.name, s.version, s.fingerprint, 0, 0, registered=True, changed=False)
+            for s in self._binding.all_versions() if (s.name, s.version) not in seen
+        ]
+        return sorted(out, key=lambda v: (v.name, v.version, v.fingerprint or ""))
+
+    def changed_graphs(self) -> list[VersionInUse]:
+        """Versions in flight whose graph here differs from the one they were started with."""
+        return [v for v in self.versions() if v.changed and v.in_flight]
 
     def _wrap_steps(self, finalize: bool = True) -> None:
         """Run every registered step task through the engine's wrapper (idempotent).
@@ -132,7 +177,7 @@ class Sagas:
         """
         registry = self.app.tasks if finalize else self.app._tasks
         missing = False
-        for saga in self._binding.sagas.values():
+        for saga in self._binding.all_versions():
             for step in saga.steps.values():
                 for name in (step.action_name, step.compensation_name):
                     if name is None:
@@ -160,9 +205,23 @@ class Sagas:
             raise SystemExit(1) from exc
 
     def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is self.app:
-            for line in worker.unknown_task_report(self._binding):
-                log.error(line)
+        if getattr(sender, "app", None) is not self.app:
+            return
+        for line in worker.unknown_task_report(self._binding):
+            log.error(line)
+        try:
+            changed = self.changed_graphs()
+        except Exception as exc:  # the store may not be up yet; the events say it again later
+            log.warning("could not compare saga graphs with the instances in flight: %s", exc)
+            return
+        for v in changed:
+            log.error(
+                "saga %r v%d: %d instance(s) in flight were started with graph %s, but this "
+                "worker's v%d is %s: register the old graph as v%d and the new one as v%d "
+                "(see README, Versions)", v.name, v.version, v.in_flight, v.fingerprint,
+                v.version, self._binding.saga(v.name, v.version).fingerprint, v.version,
+                v.version + 1,
+            )
 
     # --- running sagas ----------------------------------------------------------------------
     def start(
@@ -172,6 +231,7 @@ class Sagas:
         *,
         saga_id: str | None = None,
         idempotency_key: str | None = None,
+        version: int | None = None,
     ) -> SagaHandle:
         """Record a new saga and publish its first steps; a duplicate start returns the first.
 
@@ -180,7 +240,8 @@ class Sagas:
         """
         self._prepare()
         started = start_saga(
-            self._binding, saga, data, saga_id=saga_id, idempotency_key=idempotency_key
+            self._binding, saga, data, saga_id=saga_id, idempotency_key=idempotency_key,
+            version=version,
         )
         return SagaHandle(self._binding, started)
 

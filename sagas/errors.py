@@ -39,6 +39,10 @@ class UnknownSagaError(SagaError):
     """No saga definition with that name is registered in this process."""
 
 
+class UnknownSagaVersionError(UnknownSagaError):
+    """The saga is known here, but not the version an instance was started with."""
+
+
 # --- run time --------------------------------------------------------------
 class InvalidTransitionError(SagaError):
     """A state change outside the transition table."""

@@ -57,6 +57,16 @@ class TransitionEvent:
     at: float  # wall clock (time.time()) when listeners were told
 
 
+@dataclass(frozen=True, slots=True)
+class RefusedEvent:
+    """An event this process would not decide, and why (an ``IgnoreKind`` value)."""
+
+    saga_id: str
+    saga: str
+    version: int
+    reason: str
+
+
 @dataclass(slots=True)
 class StepAttempt:
     """One run of a step's action or compensation in this worker process."""
@@ -87,6 +97,9 @@ class SagaListener:
 
     def on_step_transition(self, event: TransitionEvent) -> None:
         """A step changed state, or started another attempt (committed)."""
+
+    def on_event_refused(self, event: RefusedEvent) -> None:
+        """This process refused to decide an event (it lacks the version): nothing changed."""
 
     def before_attempt(self, attempt: StepAttempt) -> None:
         """In the worker, just before a step's action or compensation runs."""
@@ -231,6 +244,14 @@ def notify(snap: Any, decision: Any, event: Any, saga_started_at: datetime | Non
         hook = "on_step_transition" if ev.step is not None else "on_saga_transition"
         for listener in listeners:
             _call(listener, hook, ev)
+
+
+def refused_event(saga_id: str, saga: str, version: int, reason: str) -> None:
+    """Tell listeners that an event of ``saga_id`` was refused here; never raises."""
+    listeners = _active if _active is not None else configure()
+    event = RefusedEvent(saga_id, saga, version, str(reason))
+    for listener in listeners:
+        _call(listener, "on_event_refused", event)
 
 
 def _events(

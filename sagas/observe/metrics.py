@@ -28,7 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from sagas.observe.listeners import SagaListener, StepAttempt, TransitionEvent
+from sagas.observe.listeners import RefusedEvent, SagaListener, StepAttempt, TransitionEvent
 from sagas.store.sql import Store, sagas_t
 
 log = logging.getLogger("sagas.metrics")
@@ -50,6 +50,11 @@ COMPENSATION_FAILURES = Counter(
     "saga_compensation_failures_total",
     "Compensations that failed for good (the saga parks)", ["saga", "step"],
 )
+EVENTS_REFUSED = Counter(
+    "sagas_events_refused_total",
+    "Events a process would not decide (it lacks the instance's saga version), by reason",
+    ["saga", "version", "reason"],
+)
 RECOVERIES = Counter(
     "saga_recoveries_total",
     "Work re-driven by the reconciler: a stalled step re-published, or an unstarted saga started",
@@ -70,6 +75,9 @@ SAGA_DURATION = Histogram(
 
 class MetricsListener(SagaListener):
     """Counts transitions and times attempts; a few microseconds per call."""
+
+    def on_event_refused(self, event: RefusedEvent) -> None:
+        EVENTS_REFUSED.labels(event.saga, str(event.version), event.reason).inc()
 
     def on_saga_transition(self, event: TransitionEvent) -> None:
         if event.to_state == "RUNNING" and event.from_state == "PENDING":

@@ -75,6 +75,7 @@ class ValidationProblem(BaseModel):
 class SagaSummary(BaseModel):
     id: str
     name: str
+    version: int = Field(description="The saga definition's version this instance runs on")
     state: SagaState
     error: str | None
     created_at: str | None
@@ -120,6 +121,8 @@ class SagaView(BaseModel):
 
     id: str
     name: str
+    version: int = Field(description="The saga definition's version this instance runs on")
+    fingerprint: str | None = Field(description="Digest of that version's graph at the start")
     state: SagaState
     error: str | None
     created_at: str | None
@@ -246,12 +249,14 @@ def saga_router(engine: Sagas, auth: AdminAuth) -> APIRouter:
     def list_sagas(
         state: Annotated[SagaState | None, Query(description="Only sagas in this state")] = None,
         name: Annotated[str | None, Query(max_length=100, description="Saga name")] = None,
+        version: Annotated[int | None, Query(ge=1, description="Definition version")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> SagaPage:
         """Sagas, newest first."""
         rows, total = engine.store.list_sagas(
-            state=str(state) if state else None, name=name, limit=limit, offset=offset
+            state=str(state) if state else None, name=name, version=version, limit=limit,
+            offset=offset
         )
         return SagaPage(total=total, limit=limit, offset=offset,
                         items=[SagaSummary.model_validate(r) for r in rows])

@@ -124,7 +124,7 @@ def audit(engine: Sagas, *, idle: bool = True, now: datetime | None = None) -> A
     now = _aware(now) if now is not None else utcnow()
     settings = engine.settings
     margin = timedelta(seconds=settings.recovery_grace + settings.step_timeout)
-    definitions = engine.sagas
+    definitions = {(s.name, s.version): s for s in engine._binding.all_versions()}
     rules = [RULE_COMPLETED, RULE_COMPENSATED, RULE_EVENTS, RULE_DEADLINE]
     if idle:
         rules.append(RULE_IDLE)
@@ -141,7 +141,7 @@ def audit(engine: Sagas, *, idle: bool = True, now: datetime | None = None) -> A
                 report.states[row.state] = report.states.get(row.state, 0) + 1
                 found, ran = _check_saga(
                     row, steps.get(row.id, []), last_events.get(row.id, {}),
-                    definitions.get(row.name), now=now, margin=margin, idle=idle,
+                    definitions.get((row.name, row.version)), now=now, margin=margin, idle=idle,
                 )
                 report.findings.extend(found)
                 report.checks += ran
@@ -162,21 +162,23 @@ def audit(engine: Sagas, *, idle: bool = True, now: datetime | None = None) -> A
 class _SagaRecord(NamedTuple):
     id: str
     name: str
+    version: int
     state: str
     stall_deadline: datetime | None
     deadline_at: datetime | None
 
 
 def _saga_batches(conn: Connection) -> Iterator[list[_SagaRecord]]:
-    columns = (sagas_t.c.id, sagas_t.c.name, sagas_t.c.state, sagas_t.c.stall_deadline,
-               sagas_t.c.deadline_at)
+    columns = (sagas_t.c.id, sagas_t.c.name, sagas_t.c.definition_version, sagas_t.c.state,
+               sagas_t.c.stall_deadline, sagas_t.c.deadline_at)
     after: str | None = None
     while True:
         query = select(*columns).order_by(sagas_t.c.id).limit(BATCH)
         if after is not None:
             query = query.where(sagas_t.c.id > after)
         rows = [
-            _SagaRecord(str(r.id), str(r.name), str(r.state), r.stall_deadline, r.deadline_at)
+            _SagaRecord(str(r.id), str(r.name), int(r.definition_version or 1), str(r.state),
+                        r.stall_deadline, r.deadline_at)
             for r in conn.execute(query)
         ]
         if not rows:

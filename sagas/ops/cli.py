@@ -224,7 +224,8 @@ def show(
     if as_json:
         print_json(view)
         return
-    out.print(f"saga [bold]{view['id']}[/] ({view['name']}): {styled(view['state'])}")
+    out.print(f"saga [bold]{view['id']}[/] ({view['name']} v{view['version']}, graph "
+              f"{view['fingerprint'] or '?'}): {styled(view['state'])}", soft_wrap=True)
     if view["error"]:
         out.print(f"error: {view['error']}", markup=False)
     table = Table("step", "state", "attempts", "undo attempts", "error")
@@ -244,18 +245,47 @@ def show(
 def list_sagas(
     state: Annotated[str | None, typer.Option(help="Only sagas in this state")] = None,
     name: Annotated[str | None, typer.Option(help="Only sagas with this name")] = None,
+    version: Annotated[int | None, typer.Option(
+        help="Only sagas running on this definition version", min=1, show_default=False)] = None,
     limit: Annotated[int, typer.Option(help="Most sagas to list")] = 50,
     offset: Annotated[int, typer.Option(help="Sagas to skip first")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """List sagas, newest first."""
-    rows, total = engine().store.list_sagas(state=state, name=name, limit=limit, offset=offset)
+    rows, total = engine().store.list_sagas(
+        state=state, name=name, version=version, limit=limit, offset=offset
+    )
     if as_json:
         print_json({"total": total, "items": rows})
         return
-    table = Table("id", "name", "state", "created", "error", title=f"{total} sagas")
+    table = Table("id", "name", "version", "state", "created", "error", title=f"{total} sagas")
     for r in rows:
-        table.add_row(r["id"], r["name"], styled(r["state"]), r["created_at"], r["error"] or "")
+        table.add_row(r["id"], r["name"], str(r["version"]), styled(r["state"]), r["created_at"],
+                      r["error"] or "")
+    out.print(table)
+
+
+@cli.command("versions")
+@operator_errors
+def versions(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Saga versions in use, with their in-flight counts: an old one with none can go."""
+    found = engine().versions()
+    if as_json:
+        print_json([
+            {"name": v.name, "version": v.version, "fingerprint": v.fingerprint,
+             "in_flight": v.in_flight, "total": v.total, "registered": v.registered,
+             "changed": v.changed}
+            for v in found
+        ])
+        return
+    table = Table("saga", "version", "graph", "in flight", "total", "here")
+    for v in found:
+        here = "yes" if v.registered and not v.changed else (
+            "[bold red]other graph[/]" if v.changed else "[yellow]no[/]")
+        table.add_row(v.name, str(v.version), v.fingerprint or "?", str(v.in_flight),
+                      str(v.total), here)
     out.print(table)
 
 

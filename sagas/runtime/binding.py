@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
 
 from sagas.definition import Saga
-from sagas.errors import DefinitionError, UnknownSagaError
+from sagas.errors import DefinitionError, UnknownSagaError, UnknownSagaVersionError
 from sagas.settings import SagaSettings
 from sagas.store.sql import Store
 
@@ -25,8 +25,10 @@ from sagas.store.sql import Store
 class Binding:
     app: Celery
     settings: SagaSettings
-    sagas: dict[str, Saga] = field(default_factory=dict)
+    versions: dict[str, dict[int, Saga]] = field(default_factory=dict)
     engine: Any = None  # the public ``Sagas`` object that owns this binding
+    # Where decided dispatches go instead of the broker (``sagas.testing`` runs them in-process).
+    publisher: Callable[[Binding, Saga, Any, list[Any]], None] | None = None
     _stores: dict[str, Store] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -46,27 +48,48 @@ class Binding:
                     self._stores[url] = store
         return store
 
-    def _step_order(self, name: str) -> Sequence[str] | None:
-        saga = self.sagas.get(name)
+    @property
+    def sagas(self) -> dict[str, Saga]:
+        """Each saga name's newest registered version."""
+        return {name: by[max(by)] for name, by in self.versions.items()}
+
+    def all_versions(self) -> list[Saga]:
+        return [by[v] for by in self.versions.values() for v in sorted(by)]
+
+    def _step_order(self, name: str, version: int) -> Sequence[str] | None:
+        saga = self.find(name, version)
         return saga.order if saga is not None else None
 
-    def saga(self, name: str) -> Saga:
-        try:
-            return self.sagas[name]
-        except KeyError:
+    def saga(self, name: str, version: int | None = None) -> Saga:
+        """The definition of ``name`` at ``version`` (the newest when None)."""
+        by = self.versions.get(name)
+        if not by:
             raise UnknownSagaError(
                 f"no saga named {name!r} is registered with the engine of app "
-                f"{self.app.main!r} (known: {sorted(self.sagas) or 'none'})"
+                f"{self.app.main!r} (known: {sorted(self.versions) or 'none'})"
+            )
+        if version is None:
+            return by[max(by)]
+        try:
+            return by[version]
+        except KeyError:
+            raise UnknownSagaVersionError(
+                f"saga {name!r} has no version {version} in this process "
+                f"(registered: {', '.join(f'v{v}' for v in sorted(by))})"
             ) from None
 
+    def find(self, name: str, version: int) -> Saga | None:
+        return self.versions.get(name, {}).get(version)
+
     def add(self, saga: Saga) -> None:
-        existing = self.sagas.get(saga.name)
+        by = self.versions.setdefault(saga.name, {})
+        existing = by.get(saga.version)
         if existing is not None and existing is not saga:
             raise DefinitionError(
-                f"a different saga named {saga.name!r} is already registered with app "
-                f"{self.app.main!r}"
+                f"a different saga named {saga.name!r} v{saga.version} is already registered "
+                f"with app {self.app.main!r}: give the new graph a new version"
             )
-        self.sagas[saga.name] = saga
+        by[saga.version] = saga
 
 
 _BOUND: weakref.WeakKeyDictionary[Celery, Binding] = weakref.WeakKeyDictionary()

@@ -71,7 +71,8 @@ def build_signature(
     options["kwargsrepr"] = "{}"
     context = StepContext.build(
         saga_id=snap.id, saga=saga.name, step=dispatch.step, phase=dispatch.phase,
-        attempt=dispatch.attempt, after_pivot=dispatch.step in saga.after_pivot,
+        attempt=dispatch.attempt, version=saga.version,
+        after_pivot=dispatch.step in saga.after_pivot,
         inline=inline, input=snap.input, results=snap.results(),
     )
     return app.signature(name, args=(context,), **options)

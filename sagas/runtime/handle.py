@@ -122,7 +122,7 @@ def read_outcomes(binding: Binding, saga_ids: Sequence[str]) -> dict[str, SagaOu
     out: dict[str, SagaOutcome] = {}
     for saga in sagas:
         rows = {str(r.name): r for r in steps.get(str(saga.id), [])}
-        order = store.ordered_steps(str(saga.name), list(rows))
+        order = store.ordered_steps(str(saga.name), int(saga.definition_version), list(rows))
         out[str(saga.id)] = SagaOutcome(
             id=str(saga.id), name=str(saga.name), state=SagaState(saga.state), error=saga.error,
             steps={

@@ -27,6 +27,7 @@ class StepContext(BaseModel):
     phase: Phase
     idempotency_key: str
     attempt: int = 1
+    version: int = 1  # the saga definition's version this instance runs on
     after_pivot: bool = False
     inline: bool = False
     input: dict[str, Any] = Field(default_factory=dict)
@@ -40,6 +41,7 @@ class StepContext(BaseModel):
         step: str,
         phase: Phase,
         attempt: int,
+        version: int,
         after_pivot: bool,
         inline: bool,
         input: dict[str, Any],
@@ -48,6 +50,7 @@ class StepContext(BaseModel):
         """The message body (a plain JSON object: what Celery serialises and Flower shows)."""
         return {
             "saga_id": saga_id, "saga": saga, "step": step, "phase": phase, "attempt": attempt,
+            "version": version,
             "idempotency_key": idempotency_key(saga_id, step), "after_pivot": after_pivot,
             "inline": inline, "input": input, "results": results,
         }

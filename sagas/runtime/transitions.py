@@ -29,7 +29,7 @@ from sagas.coordinator import (
 )
 from sagas.definition import Saga
 from sagas.errors import SagaNotFoundError
-from sagas.observe.listeners import notify
+from sagas.observe.listeners import notify, refused_event
 from sagas.runtime.binding import Binding
 from sagas.runtime.dispatch import publish
 from sagas.settings import SagaSettings
@@ -64,9 +64,13 @@ def start_saga(
     *,
     saga_id: str | None = None,
     idempotency_key: str | None = None,
+    version: int | None = None,
 ) -> str:
-    """Record a new saga and publish its first steps; a duplicate start returns the first id."""
-    definition = saga if isinstance(saga, Saga) else binding.saga(saga)
+    """Record a new saga and publish its first steps; a duplicate start returns the first id.
+
+    The instance runs on ``version`` of the saga (the newest registered when None) for good.
+    """
+    definition = saga if isinstance(saga, Saga) else binding.saga(saga, version)
     payload = definition.validate_input(data)
     # A freshly generated id without an idempotency key cannot be a duplicate: skip the lookup
     # (a collision would still fail the primary key and take the IntegrityError path below).
@@ -77,6 +81,7 @@ def start_saga(
     snap = SagaSnapshot(
         id=saga_id, name=definition.name, state=SagaState.PENDING, input=payload,
         steps={n: StepSnapshot(n) for n in definition.order},
+        version=definition.version, fingerprint=definition.fingerprint,
     )
     decision = decide(definition, snap, Started())
     store = binding.store
@@ -102,7 +107,7 @@ def start_saga(
             raise
         return existing
     notify(snap, decision, Started())
-    publish(binding, definition, snap, decision.dispatches)
+    (binding.publisher or publish)(binding, definition, snap, decision.dispatches)
     return saga_id
 
 
@@ -124,7 +129,13 @@ def apply_event(
         if snap is None:
             log.warning("event %r for unknown saga %s ignored", event, saga_id)
             return Decision(ignored=Ignored(IgnoreKind.UNKNOWN_SAGA, f"unknown saga {saga_id}"))
-        definition = binding.saga(snap.name)
+        definition = binding.find(snap.name, snap.version)
+        mismatch = _definition_mismatch(snap, definition)
+        if mismatch is not None:
+            log.warning("saga %s: %s ignored: %s", saga_id, type(event).__name__, mismatch)
+            refused_event(snap.id, snap.name, snap.version, mismatch.kind)
+            return Decision(ignored=mismatch)
+        assert definition is not None
         refused = precondition(conn) if precondition is not None else None
         if refused:
             decision = Decision(ignored=Ignored(IgnoreKind.PRECONDITION, refused))
@@ -137,8 +148,44 @@ def apply_event(
     if decision.ignored:
         log.info("saga %s: %s ignored: %s", saga_id, type(event).__name__, decision.ignored)
     notify(snap, decision, event, started_at)  # listeners, after the commit
-    publish(binding, definition, snap, decision.dispatches)
+    (binding.publisher or publish)(binding, definition, snap, decision.dispatches)
     return decision
+
+
+_warned: set[tuple[str, int, str]] = set()
+
+
+def _definition_mismatch(snap: SagaSnapshot, definition: Saga | None) -> Ignored | None:
+    """Why this process must not decide for ``snap``, or None when it may.
+
+    A worker without the instance's version changes nothing: the saga is left to a worker that
+    has it (or to recovery, which re-drives it there). A graph changed under the same version is
+    decided only while its steps are the instance's steps, and is reported loudly once.
+    """
+    if definition is None:
+        return Ignored(
+            IgnoreKind.UNKNOWN_VERSION,
+            f"this worker has no version {snap.version} of saga {snap.name!r}; a worker that "
+            "registers it (or recovery) takes the saga over",
+        )
+    if snap.fingerprint is None or snap.fingerprint == definition.fingerprint:
+        return None
+    if set(definition.steps) != set(snap.steps):
+        return Ignored(
+            IgnoreKind.GRAPH_CHANGED,
+            f"saga {snap.name!r} v{snap.version} was started with graph {snap.fingerprint} but "
+            f"this worker's v{snap.version} is {definition.fingerprint} with other steps; "
+            "register the old graph as its own version (see README, Versions)",
+        )
+    key = (snap.name, snap.version, definition.fingerprint)
+    if key not in _warned:
+        _warned.add(key)
+        log.error(
+            "saga %r v%d changed its graph without a new version (%s started, %s here): "
+            "instances in flight are decided with this worker's graph; see README, Versions",
+            snap.name, snap.version, snap.fingerprint, definition.fingerprint,
+        )
+    return None
 
 
 def _require(binding: Binding, saga_id: str) -> None:

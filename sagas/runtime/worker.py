@@ -108,7 +108,7 @@ def _binding(task: Task) -> Binding:
 
 def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
     binding = _binding(task)
-    saga = binding.sagas.get(ctx.saga)
+    saga = binding.find(ctx.saga, ctx.version)
     step = saga.steps.get(ctx.step) if saga else None
     saga_id, phase = ctx.saga_id, ctx.phase
     attempt = ctx.attempt + int(task.request.retries or 0)
@@ -235,7 +235,7 @@ def unknown_task_report(binding: Binding) -> list[str]:
     """One line per saga naming tasks this worker's app does not register."""
     lines = []
     known = binding.app.tasks.keys()
-    for saga in binding.sagas.values():
+    for saga in binding.all_versions():
         unknown = saga.unknown_tasks(known)
         if unknown:
             lines.append(

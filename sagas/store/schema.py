@@ -73,11 +73,15 @@ class SagaRow(Base):
     stall_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Optional whole-saga deadline: past it a running saga compensates.
     deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    version: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[int] = mapped_column(Integer, default=0)  # a save counter
+    # The definition the instance was started with: every later event is decided with it.
+    definition_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    definition_fingerprint: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (
         Index("ix_saga_instances_state_stall", "state", "stall_deadline"),
         Index("ix_saga_instances_name_created", "name", "created_at"),
+        Index("ix_saga_instances_name_definition_version", "name", "definition_version"),
     )
 
 

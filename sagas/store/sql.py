@@ -27,6 +27,7 @@ from sqlalchemy import (
     Engine,
     Table,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -171,6 +172,7 @@ _UPDATE_STEP = (
 _LOAD = (
     select(
         sagas_t.c.name, sagas_t.c.state, sagas_t.c.input, sagas_t.c.error,
+        sagas_t.c.definition_version, sagas_t.c.definition_fingerprint,
         steps_t.c.name.label("step"), steps_t.c.state.label("step_state"),
         steps_t.c.attempts, steps_t.c.compensation_attempts, steps_t.c.result,
         steps_t.c.error.label("step_error"),
@@ -203,7 +205,8 @@ _UPDATE_SAGA_STATE = (
 _UPDATE_SAGA_SETTLE = _UPDATE_SAGA_STATE.returning(sagas_t.c.created_at)
 
 _SAGA_COLUMNS = ("id", "name", "state", "input", "idempotency_key", "input_digest", "error",
-                 "stall_deadline", "deadline_at", "version")
+                 "stall_deadline", "deadline_at", "version", "definition_version",
+                 "definition_fingerprint")
 _STEP_COLUMNS = ("saga_id", "name", "state", "attempts", "compensation_attempts", "result",
                  "error", "started_at", "finished_at")
 _EVENT_COLUMNS = ("saga_id", "step", "from_state", "to_state", "attempt", "error")
@@ -227,8 +230,8 @@ _FINISHED = {
 }
 
 
-StepOrder = Callable[[str], Sequence[str] | None]
-"""A saga name's step order (its definition's topological order), or None when unknown."""
+StepOrder = Callable[[str, int], Sequence[str] | None]
+"""A saga version's step order (its definition's topological order), or None when unknown."""
 
 
 class Store:
@@ -297,6 +300,7 @@ class Store:
                 "id": snap.id, "name": snap.name, "state": str(snap.state), "input": snap.input,
                 "idempotency_key": idempotency_key, "input_digest": digest, "error": snap.error,
                 "stall_deadline": stall_deadline, "deadline_at": deadline_at, "version": 1,
+                "definition_version": snap.version, "definition_fingerprint": snap.fingerprint,
             },
         )
         run(
@@ -325,14 +329,16 @@ class Store:
         rows = run(conn, HOT.get(conn, "load"), params)
         if not rows:
             return None
-        # Columns in _LOAD's order: saga name, state, input, error, then the step's name, state,
-        # attempts, compensation attempts, result, error.
-        name, state, saga_input, error = rows[0][:4]
+        # Columns in _LOAD's order: saga name, state, input, error, definition version and
+        # fingerprint, then the step's name, state, attempts, compensation attempts, result, error.
+        name, state, saga_input, error, version, fingerprint = rows[0][:6]
         return SagaSnapshot(
             id=saga_id, name=name, state=SagaState(state), input=saga_input, error=error,
             steps={
-                r[4]: StepSnapshot(r[4], StepState(r[5]), r[6], r[8], r[9], r[7]) for r in rows
+                r[6]: StepSnapshot(r[6], StepState(r[7]), r[8], r[10], r[11], r[9])
+                for r in rows
             },
+            version=int(version or 1), fingerprint=fingerprint,
         )
 
     def save(
@@ -402,11 +408,13 @@ class Store:
             events = conn.execute(
                 select(events_t).where(events_t.c.saga_id == saga_id).order_by(events_t.c.id)
             ).all()
-        order = self._step_order(saga.name, [s.name for s in steps])
+        order = self._step_order(saga.name, saga.definition_version, [s.name for s in steps])
         by_name = {s.name: s for s in steps}
         return {
             "id": saga.id,
             "name": saga.name,
+            "version": saga.definition_version,
+            "fingerprint": saga.definition_fingerprint,
             "state": saga.state,
             "error": saga.error,
             "created_at": _iso(saga.created_at),
@@ -437,13 +445,16 @@ class Store:
 
     def list_sagas(
         self, *, state: str | None = None, name: str | None = None,
-        limit: int = 50, offset: int = 0,
+        version: int | None = None, limit: int = 50, offset: int = 0,
     ) -> tuple[list[dict[str, Any]], int]:
         query = select(
-            sagas_t.c.id, sagas_t.c.name, sagas_t.c.state, sagas_t.c.error,
-            sagas_t.c.created_at, sagas_t.c.updated_at,
+            sagas_t.c.id, sagas_t.c.name, sagas_t.c.definition_version, sagas_t.c.state,
+            sagas_t.c.error, sagas_t.c.created_at, sagas_t.c.updated_at,
         )
         count = select(func.count()).select_from(sagas_t)
+        if version is not None:
+            query = query.where(sagas_t.c.definition_version == version)
+            count = count.where(sagas_t.c.definition_version == version)
         if state:
             query = query.where(sagas_t.c.state == state)
             count = count.where(sagas_t.c.state == state)
@@ -457,7 +468,8 @@ class Store:
             total = int(conn.execute(count).scalar_one())
         return [
             {
-                "id": r.id, "name": r.name, "state": r.state, "error": r.error,
+                "id": r.id, "name": r.name, "version": r.definition_version, "state": r.state,
+                "error": r.error,
                 "created_at": _iso(r.created_at), "updated_at": _iso(r.updated_at),
             }
             for r in rows
@@ -486,7 +498,8 @@ class Store:
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 sagas += conn.execute(
-                    select(sagas_t.c.id, sagas_t.c.name, sagas_t.c.state, sagas_t.c.error)
+                    select(sagas_t.c.id, sagas_t.c.name, sagas_t.c.definition_version,
+                           sagas_t.c.state, sagas_t.c.error)
                     .where(sagas_t.c.id.in_(chunk))
                 ).all()
                 for row in conn.execute(
@@ -497,9 +510,9 @@ class Store:
                     steps.setdefault(str(row.saga_id), []).append(row)
         return sagas, steps
 
-    def ordered_steps(self, saga_name: str, names: list[str]) -> list[str]:
+    def ordered_steps(self, saga_name: str, version: int, names: list[str]) -> list[str]:
         """Step names in the definition's order (unknown ones last, by name)."""
-        return self._step_order(saga_name, names)
+        return self._step_order(saga_name, version, names)
 
     def step_states(self, saga_ids: list[str]) -> dict[str, dict[str, str]]:
         with self.read() as conn:
@@ -513,10 +526,35 @@ class Store:
             out.setdefault(r.saga_id, {})[r.name] = r.state
         return out
 
-    def _step_order(self, saga_name: str, names: list[str]) -> list[str]:
-        known_order = self.step_order(saga_name) if self.step_order is not None else None
+    def _step_order(self, saga_name: str, version: int, names: list[str]) -> list[str]:
+        known_order = (
+            self.step_order(saga_name, version) if self.step_order is not None else None
+        )
         known = [n for n in known_order or () if n in names]
         return known + sorted(n for n in names if n not in known)
+
+    def versions_in_use(self) -> list[dict[str, Any]]:
+        """Per saga name, version and fingerprint: instances in flight (live or parked) and all."""
+        live = sagas_t.c.state.in_(
+            [str(SagaState.PENDING), str(SagaState.RUNNING), str(SagaState.COMPENSATING),
+             str(SagaState.COMPENSATION_FAILED)]
+        )
+        query = (
+            select(sagas_t.c.name, sagas_t.c.definition_version, sagas_t.c.definition_fingerprint,
+                   func.count().label("total"),
+                   func.sum(case((live, 1), else_=0)).label("in_flight"))
+            .group_by(sagas_t.c.name, sagas_t.c.definition_version,
+                      sagas_t.c.definition_fingerprint)
+            .order_by(sagas_t.c.name, sagas_t.c.definition_version)
+        )
+        with self.read() as conn:
+            rows = conn.execute(query).all()
+        return [
+            {"name": r.name, "version": int(r.definition_version),
+             "fingerprint": r.definition_fingerprint, "in_flight": int(r.in_flight or 0),
+             "total": int(r.total)}
+            for r in rows
+        ]
 
     def counts_by_state(self) -> dict[str, int]:
         with self.read() as conn:

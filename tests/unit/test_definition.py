@@ -284,7 +284,7 @@ def diamond_with_pivot() -> Saga:
 def test_render_text_lists_every_step_with_its_task_compensation_and_parents():
     saga = diamond_with_pivot()
     text = saga.render_text()
-    assert text.splitlines()[0] == "saga diamond"
+    assert text.splitlines()[0] == f"saga diamond v1 ({saga.fingerprint})"
     for name in saga.order:
         assert f"  {name}" in text
         assert saga.steps[name].action_name in text
@@ -355,3 +355,22 @@ def test_only_listed_exceptions_are_transient_when_a_list_is_given():
     assert policy.is_transient(TransientError())
     assert policy.is_transient(TimeoutError())
     assert not policy.is_transient(ValueError())
+
+
+# --- versions ----------------------------------------------------------------------------
+def test_a_saga_is_version_1_unless_told_and_refuses_a_version_below_1():
+    assert Saga("v", [step("a")]).version == 1
+    assert Saga("v", [step("a")], version=3).version == 3
+    for bad in (0, -1, True, "2"):
+        with pytest.raises(DefinitionError, match="version must be a whole number"):
+            Saga("v", [step("a")], version=bad)  # type: ignore[arg-type]
+
+
+def test_the_fingerprint_follows_the_graph_and_nothing_else():
+    base = Saga("f", [step("a"), step("b")])
+    assert Saga("f", [step("a"), step("b")], version=2).fingerprint == base.fingerprint
+    assert Saga("f", [step("a"), step("c")]).fingerprint != base.fingerprint, "a renamed step"
+    assert Saga("f", [step("a"), step("b", depends_on=())]).fingerprint != base.fingerprint
+    queued = Saga("f", [step("a"), Step("b", "svc.b", compensation="svc.undo_b", queue="q2")])
+    assert queued.fingerprint != base.fingerprint, "a step moved to another queue"
+    assert len(base.fingerprint) == 16

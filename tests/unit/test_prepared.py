@@ -35,6 +35,7 @@ def _insert(conn, saga_id: str = "s1") -> None:
     execute(conn, HOT.get(conn, "insert_saga"), {
         "id": saga_id, "name": "order", "state": "RUNNING", "input": {"qty": 2, "sku": "A"},
         "stall_deadline": datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC), "version": 1,
+        "definition_version": 2, "definition_fingerprint": "abc",
     })
     execute(conn, HOT.get(conn, "insert_steps"), [
         {"saga_id": saga_id, "name": n, "state": "PENDING", "attempts": 0,
