@@ -22,7 +22,12 @@ from sagas.errors import DefinitionError
 from sagas.observe import setup as observe_setup
 from sagas.runtime import worker
 from sagas.runtime.binding import Binding, bind, binding_of
-from sagas.runtime.dispatch import RECOVER_TASK
+from sagas.runtime.dispatch import (
+    RECOVER_TASK,
+    START_TASK,
+    STEP_FAILED_TASK,
+    STEP_SUCCEEDED_TASK,
+)
 from sagas.runtime.handle import SagaHandle, SagaOutcome, read_outcomes
 from sagas.runtime.recovery import BEAT_ENTRY, RecoveryReport, beat_entry, recover_stalled
 from sagas.runtime.relay import Relay
@@ -33,6 +38,9 @@ from sagas.store import migrate
 from sagas.store.sql import Store
 
 log = logging.getLogger("sagas")
+
+ENGINE_TASKS = frozenset({STEP_FAILED_TASK, STEP_SUCCEEDED_TASK, START_TASK, RECOVER_TASK})
+_ENGINE_ROUTER = "__sagas_engine_router__"
 
 AuditCheck = Callable[["Sagas"], Iterable[Any]]
 
@@ -117,12 +125,38 @@ class Sagas:
             """Beat's entry point; runs on the saga queue like the coordinator's other tasks."""
             return recover_stalled(self._binding).as_dict()
 
-        entry = beat_entry(settings)
-        self.app.add_periodic_task(
-            entry["schedule"],
-            self.app.signature(RECOVER_TASK, **entry["options"]),
-            name=BEAT_ENTRY,
+        self.app.on_after_configure.connect(
+            self._on_configure, weak=False, dispatch_uid=f"sagas.engine.{id(self)}.configure"
         )
+        if self.app.configured:
+            self._on_configure()
+
+    def _on_configure(self, sender: Any = None, **_: Any) -> None:
+        """Put the reconciler in beat and route the engine's tasks, on every (re)configure.
+
+        Celery replaces ``app.conf`` when the app loads its configuration (again, after a late
+        ``config_from_object``), so both are applied whenever that happens, and kept out of the
+        way of the app's own entries and routes.
+        """
+        settings = self._binding.settings
+        entry = beat_entry(settings)
+        conf = self.app.conf
+        schedule = dict(conf.beat_schedule or {})
+        schedule[BEAT_ENTRY] = {
+            "task": entry["task"], "schedule": entry["schedule"], "options": entry["options"],
+        }
+        conf.beat_schedule = schedule
+        routes = conf.task_routes
+        existing = [] if routes is None else list(routes) if isinstance(routes, list | tuple) \
+            else [routes]
+        if not any(getattr(r, _ENGINE_ROUTER, False) for r in existing):
+            conf.task_routes = [self._route, *existing]
+            self.app.amqp.flush_routes()
+            self.app.amqp.__dict__.pop("router", None)  # a router built before sees the change
+
+    def _route(self, name: str, *_: Any, **__: Any) -> dict[str, str] | None:
+        """The engine's own tasks go to the saga queue, whoever sends them and however."""
+        return {"queue": self._binding.settings.saga_queue} if name in ENGINE_TASKS else None
 
     # --- sagas ------------------------------------------------------------------------------
     def register(self, saga: Saga) -> Saga:
@@ -288,3 +322,6 @@ class Sagas:
 
     def __repr__(self) -> str:
         return f"Sagas(app={self.app.main!r}, sagas={sorted(self._binding.sagas)!r})"
+
+
+setattr(Sagas._route, _ENGINE_ROUTER, True)  # how a re-configure finds the router already there

@@ -66,3 +66,23 @@ def test_failures_that_say_nothing_about_the_effect_are_not_definite(error: str)
 ])
 def test_the_steps_own_failures_are_definite(error: str):
     assert _is_definite(error)
+
+
+def test_the_engines_tasks_are_routed_to_the_saga_queue_even_sent_by_name():
+    app = Celery("route-test", broker="memory://")
+    app.conf.task_routes = {"shop.*": {"queue": "shop"}}
+    Sagas(app, SagaSettings(saga_queue="coord", sagas_listeners=""))
+    router = app.amqp.router
+    for name in ("sagas.start", "sagas.step_failed", "sagas.step_succeeded", RECOVER_TASK):
+        assert router.route({}, name)["queue"].name == "coord", name
+    assert router.route({}, "shop.buy")["queue"].name == "shop", "the app's own routes stay"
+
+
+def test_a_late_configuration_load_keeps_the_reconciler_and_the_routes():
+    app = Celery("late-config", broker="memory://")
+    Sagas(app, SagaSettings(sagas_listeners=""))
+    app.config_from_object({"beat_schedule": {"mine": {"task": "x", "schedule": 9.0}},
+                            "task_routes": {"x": {"queue": "xq"}}}, force=True)
+    assert set(app.conf.beat_schedule) == {"mine", BEAT_ENTRY}
+    assert app.amqp.router.route({}, "sagas.start")["queue"].name == "saga"
+    assert app.amqp.router.route({}, "x")["queue"].name == "xq"
