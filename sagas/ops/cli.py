@@ -25,6 +25,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from celery import Celery
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -34,10 +35,12 @@ from sagas.errors import (
     SagaError,
     SagaNotFoundError,
     StoreUnavailableError,
+    UnknownSagaError,
     outage_of,
 )
 from sagas.ops.audit import audit as run_audit
 from sagas.runtime import relay as outbox
+from sagas.states import SagaState
 from sagas.store.outbox import DEAD, PENDING, SENT
 
 cli = typer.Typer(
@@ -82,7 +85,7 @@ def operator_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except SagaNotFoundError as exc:
+        except (SagaNotFoundError, UnknownSagaError) as exc:
             raise fail(str(exc), EXIT_NOT_FOUND) from None
         except StoreUnavailableError as exc:
             raise fail(str(exc), EXIT_UNAVAILABLE) from None
@@ -219,8 +222,9 @@ def show(
     saga_id: Annotated[str, typer.Argument(help="The saga's id")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """Show one saga: state, steps, context and history."""
-    view = engine().store.get_view(saga_id)
+    """Show one saga: state, steps, context and history (an id, or its unique beginning)."""
+    store = engine().store
+    view = store.get_view(store.resolve_id(saga_id))
     if as_json:
         print_json(view)
         return
@@ -228,22 +232,39 @@ def show(
               f"{view['fingerprint'] or '?'}): {styled(view['state'])}", soft_wrap=True)
     if view["error"]:
         out.print(f"error: {view['error']}", markup=False)
-    table = Table("step", "state", "attempts", "undo attempts", "error")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("step", overflow="fold")
+    table.add_column("state", no_wrap=True)
+    table.add_column("tries", no_wrap=True)
+    table.add_column("undos", no_wrap=True)
+    table.add_column("error", overflow="fold")
     for s in view["steps"]:
         table.add_row(s["name"], styled(s["state"]), str(s["attempts"]),
                       str(s["compensation_attempts"]), s["error"] or "")
     out.print(table)
-    history = Table("at", "step", "from", "to", "attempt", "error")
+    out.print("input: " + json.dumps(view["context"]["input"], default=str), markup=False,
+              highlight=False, soft_wrap=True)
+    for step_name, result in view["context"]["results"].items():
+        out.print(f"result of {step_name}: " + json.dumps(result, default=str), markup=False,
+                  highlight=False, soft_wrap=True)
+    history = Table(title="history (UTC)", box=box.SIMPLE_HEAD, pad_edge=False)
+    history.add_column("at", no_wrap=True)
+    history.add_column("step", overflow="fold")
+    history.add_column("from", no_wrap=True)
+    history.add_column("to", no_wrap=True)
+    history.add_column("#", no_wrap=True)
+    history.add_column("error", overflow="fold")
     for e in view["events"]:
-        history.add_row(e["at"], e["step"] or "(saga)", e["from_state"] or "", e["to_state"],
-                        str(e["attempt"]), e["error"] or "")
+        history.add_row((e["at"] or "")[11:23], e["step"] or "(saga)", e["from_state"] or "",
+                        e["to_state"], str(e["attempt"]), e["error"] or "")
     out.print(history)
 
 
 @cli.command("list")
 @operator_errors
 def list_sagas(
-    state: Annotated[str | None, typer.Option(help="Only sagas in this state")] = None,
+    state: Annotated[SagaState | None, typer.Option(
+        help="Only sagas in this state", case_sensitive=False, show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="Only sagas with this name")] = None,
     version: Annotated[int | None, typer.Option(
         help="Only sagas running on this definition version", min=1, show_default=False)] = None,
@@ -253,15 +274,26 @@ def list_sagas(
 ) -> None:
     """List sagas, newest first."""
     rows, total = engine().store.list_sagas(
-        state=state, name=name, version=version, limit=limit, offset=offset
+        state=str(state) if state else None, name=name, version=version, limit=limit, offset=offset
     )
     if as_json:
         print_json({"total": total, "items": rows})
         return
-    table = Table("id", "name", "version", "state", "created", "error", title=f"{total} sagas")
+    # Ids and states are never cut (an id is what the next command takes); errors fold. Below
+    # 100 columns (or piped at 80) the creation time gives way: `show` and --json have it.
+    wide = out.width >= 100
+    table = Table(title=f"{total} sagas", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("id", no_wrap=True, min_width=36)
+    table.add_column("state", no_wrap=True)
+    table.add_column("saga", overflow="fold")
+    if wide:
+        table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("error", overflow="fold")
     for r in rows:
-        table.add_row(r["id"], r["name"], str(r["version"]), styled(r["state"]), r["created_at"],
-                      r["error"] or "")
+        cells = [r["id"], styled(r["state"]), f"{r['name']} v{r['version']}"]
+        if wide:
+            cells.append(_short_time(r["created_at"]))
+        table.add_row(*cells, r["error"] or "")
     out.print(table)
 
 
@@ -289,11 +321,17 @@ def versions(
     out.print(table)
 
 
+def _short_time(iso: str | None) -> str:
+    """``2026-12-03T14:50:01.123456+00:00`` as ``2026-12-03 14:50:01``."""
+    return "" if not iso else iso.replace("T", " ")[:19]
+
+
 @cli.command("retry")
 @operator_errors
 def retry(saga_id: Annotated[str, typer.Argument(help="The saga's id")]) -> None:
     """Resume a COMPENSATION_FAILED saga, or re-drive a stalled one."""
     current = engine()
+    saga_id = current.store.resolve_id(saga_id)
     decision = current.retry(saga_id)
     state = current.handle(saga_id).state
     note = f" ({decision.ignored})" if decision.ignored else ""
@@ -305,6 +343,7 @@ def retry(saga_id: Annotated[str, typer.Argument(help="The saga's id")]) -> None
 def cancel(saga_id: Annotated[str, typer.Argument(help="The saga's id")]) -> None:
     """Cancel a running saga: its succeeded steps are compensated."""
     current = engine()
+    saga_id = current.store.resolve_id(saga_id)
     decision = current.cancel(saga_id)
     state = current.handle(saga_id).state
     note = f" ({decision.ignored})" if decision.ignored else ""

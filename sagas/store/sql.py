@@ -475,6 +475,28 @@ class Store:
             for r in rows
         ], total
 
+    def resolve_id(self, id_or_prefix: str) -> str:
+        """The saga id itself, or the one id that begins with it (as printed, or shortened).
+
+        Raises ``SagaNotFoundError`` when no id, or more than one, begins with it.
+        """
+        pattern = id_or_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        with self.read() as conn:
+            if conn.execute(select(sagas_t.c.id).where(sagas_t.c.id == id_or_prefix)).first():
+                return id_or_prefix
+            found = [str(r.id) for r in conn.execute(
+                select(sagas_t.c.id).where(sagas_t.c.id.like(pattern + "%", escape="\\"))
+                .limit(3)
+            )]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise SagaNotFoundError(f"no saga with id {id_or_prefix!r}")
+        raise SagaNotFoundError(
+            f"{id_or_prefix!r} is the beginning of several saga ids ({', '.join(found[:2])}, "
+            "...): give more of it"
+        )
+
     def saga_states(self, saga_ids: Sequence[str]) -> dict[str, str]:
         """The state of each known id, in one query per 500 ids; unknown ids are absent."""
         ids = list(dict.fromkeys(saga_ids))

@@ -125,6 +125,36 @@ def test_graph_prints_the_order_saga_as_text_and_mermaid(engine_backend: Backend
     assert_one_line_error(sagas(engine_backend.env, "graph", "no_such_saga"), "no_such_saga")
 
 
+def test_piped_at_80_columns_ids_and_states_are_whole_and_a_printed_id_works(
+    engine_backend: Backend,
+):
+    parked = start_saga(ts.linear, {"plan": {"c": {"fail": True}, "a": {"undo_fail": True}}})
+    wait_for_saga(parked)
+    env = dict(engine_backend.env, COLUMNS="80")
+    table = sagas(env, "list", "--name", "t_linear", "--state", "COMPENSATION_FAILED",
+                  "--limit", "500")
+    assert table.returncode == 0, table.stderr
+    assert max(len(line) for line in table.stdout.splitlines()) <= 80
+    row = next(line for line in table.stdout.splitlines() if parked in line)
+    assert "COMPENSATION_FAILED" in row, "the state is whole, never 'COMPENSAT...'"
+    printed = row.split()[0]
+    assert printed == parked
+    shown = sagas(env, "show", printed[:13])
+    assert shown.returncode == 0, shown.stderr
+    assert parked in shown.stdout and '"plan"' in shown.stdout, "the context is shown"
+    assert "COMPENSATION_FAILED" in shown.stdout
+
+
+def test_a_bad_state_or_an_unknown_saga_name_exits_2_naming_what_is_valid(
+    engine_backend: Backend,
+):
+    bogus = sagas(engine_backend.env, "list", "--state", "bogus")
+    assert bogus.returncode == 2
+    assert "compensation_failed" in bogus.stderr.lower() and "running" in bogus.stderr.lower()
+    assert sagas(engine_backend.env, "graph", "no_such_saga").returncode == 2
+    assert sagas(engine_backend.env, "list", "--state", "completed", "--json").returncode == 0
+
+
 @pytest.mark.parametrize("command", ["show", "retry", "cancel"])
 def test_an_unknown_id_is_one_line_on_stderr_and_a_non_zero_exit(
     engine_backend: Backend, command: str
