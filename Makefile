@@ -38,7 +38,7 @@ bench: install
 
 # The Procfile's pieces, against REDIS_URL and DATABASE_URL (defaults: local Redis, SQLite).
 up: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -p $${PORT:-8000}
 
 web: install
 	$(BIN)/sagas -A config db upgrade && $(BIN)/python -m tasks.migrate \

@@ -9,6 +9,7 @@ the order domain's (``/orders`` and the ledgers) behind one set of rules: bodies
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
 
 # The order saga and its ledger audit register with the engine when imported.
 import tasks.audit
@@ -20,6 +21,7 @@ from sagas.ops import dashboard
 from sagas.ops.api import (
     AdminAuth,
     BodySizeLimit,
+    install_docs,
     install_error_handlers,
     metrics_router,
     saga_router,
@@ -47,14 +49,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Orders as sagas on Celery: take orders, follow and operate their sagas.",
         version="0.1.0",
         openapi_url="/openapi.json",
+        docs_url=None,  # served from the installed swagger-ui-bundle below, not from a CDN
+        redoc_url=None,
     )
+    install_docs(app)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=lambda: current().max_body_bytes)
     app.include_router(saga_router(engine, auth))
     app.include_router(orders_router(auth))
     dashboard.install(app, engine)
     app.include_router(metrics_router(engine))
+
+    @app.get("/", include_in_schema=False)
+    def index() -> HTMLResponse:
+        """Where to go from the root: the dashboard, the API docs, health."""
+        return HTMLResponse(INDEX)
+
     return app
 
+
+INDEX = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>sagas</title>
+<style>body{font:16px/1.5 system-ui,sans-serif;margin:3rem;color:#1a1a1a}a{color:#0645ad}</style>
+</head><body><h1>sagas: the order shop</h1><ul>
+<li><a href="/dashboard">Dashboard</a>: every saga, its graph and timeline</li>
+<li><a href="/docs">API docs</a> (<a href="/openapi.json">OpenAPI</a>): orders and sagas</li>
+<li><a href="/healthz">Health</a> and <a href="/metrics">metrics</a></li>
+</ul></body></html>"""
 
 app = create_app()

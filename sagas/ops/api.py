@@ -412,3 +412,27 @@ def metrics_router(engine: Sagas) -> APIRouter:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+# --- docs ------------------------------------------------------------------------------------
+def install_docs(app: FastAPI, path: str = "/docs") -> None:
+    """Swagger UI at ``path`` from the installed ``swagger-ui-bundle`` (no CDN: works offline).
+
+    Build the app with ``FastAPI(docs_url=None)`` so this replaces FastAPI's CDN-backed page.
+    """
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    assets = f"{path}/assets"
+    app.mount(assets, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")
+
+    @app.get(path, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} API",
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/favicon-32x32.png",
+        )

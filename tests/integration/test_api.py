@@ -398,3 +398,17 @@ def test_with_the_broker_unreachable_an_order_is_503_and_not_kept(
         assert httpx.get(f"{base}/sagas", timeout=20).status_code == 200, "reads still work"
     assert client.get("/orders", params={"customer_id": body["customer_id"]}).json()[
         "total"] == 0
+
+
+def test_the_root_points_to_the_dashboard_and_the_docs_which_work_offline(client: TestClient):
+    root = client.get("/")
+    assert root.status_code == 200
+    for link in ('href="/dashboard"', 'href="/docs"', 'href="/healthz"'):
+        assert link in root.text
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assert "/docs/assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn." not in docs.text and "https://" not in docs.text.split("<body>")[0]
+    bundle = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and len(bundle.content) > 100_000
+    assert client.get("/docs/assets/swagger-ui.css").status_code == 200
