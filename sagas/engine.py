@@ -237,6 +237,15 @@ class Sagas:
             # step wrongly must not start at all.
             log.critical("worker refused to start: %s", exc)
             raise SystemExit(1) from exc
+        # Every other task of the app too: a step of a version this worker does not register
+        # (renamed since) must reach the coordinator's refusal, not run as a plain task.
+        registry: Any = self.app.tasks  # type: ignore[union-attr]
+        for name, task in registry.items():
+            if not name.startswith("celery.") and name not in ENGINE_TASKS:
+                try:
+                    worker.wrap_step_task(task, None)
+                except DefinitionError:
+                    log.debug("task %s left as it is: it cannot take the step wrapper", name)
 
     def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not self.app:

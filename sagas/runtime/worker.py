@@ -25,6 +25,7 @@ from sagas.coordinator import (
     StepSucceeded,
 )
 from sagas.errors import BusinessError, DefinitionError, SagaError, StepOutcomeUnknown
+from sagas.observe.listeners import refused_event
 from sagas.runtime.binding import Binding, binding_of
 from sagas.runtime.dispatch import (
     INLINE_MARK,
@@ -72,21 +73,24 @@ class SagaTask(StepTaskMixin, Task):  # type: ignore[misc]
     default_retry_delay = WORKER_LOST_RETRY_DELAY
 
 
-def wrap_step_task(task: Task, step: str) -> None:
+def wrap_step_task(task: Task, step: str | None) -> None:
     """Put ``StepTaskMixin`` under ``task`` (its class is rebuilt with the mixin first).
 
     What the task's own class set (``max_retries``, ``throws``, a custom ``__call__``) is kept:
     the mixin defines nothing else, and calls the task's own ``__call__`` for plain calls. The
     worker-lost retry delay and business errors as expected refusals are added only where the
-    task left Celery's defaults.
+    task left Celery's defaults, and only for a task a registered step names (``step``); any
+    other task of the app gets the bare mixin (``step=None``), so a step message of a version
+    this worker lacks is still recognised and reported, never run as a plain task.
     """
     cls = type(task)
     if getattr(cls, INLINE_MARK, False):
         return
     extra: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-    if not any(issubclass(BusinessError, t) for t in cls.throws if isinstance(t, type)):
+    throws_business = any(issubclass(BusinessError, t) for t in cls.throws if isinstance(t, type))
+    if step is not None and not throws_business:
         extra["throws"] = (*cls.throws, BusinessError)
-    if cls.default_retry_delay == Task.default_retry_delay:
+    if step is not None and cls.default_retry_delay == Task.default_retry_delay:
         extra["default_retry_delay"] = WORKER_LOST_RETRY_DELAY
     try:
         wrapped = type(cls.__name__, (StepTaskMixin, cls), extra)
@@ -109,6 +113,17 @@ def _binding(task: Task) -> Binding:
 def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
     binding = _binding(task)
     saga = binding.find(ctx.saga, ctx.version)
+    if saga is None and ctx.saga in binding.versions:
+        # The saga is ours but not this version (the code moved on): run nothing, change
+        # nothing; a worker that has the version, or recovery re-driving there, takes it.
+        reason = IgnoreKind.UNKNOWN_VERSION
+        log.warning(
+            "saga %s: step %s (%s) not run: this worker has no version %d of saga %r; a worker "
+            "that registers it (or recovery) takes the saga over", ctx.saga_id, ctx.step,
+            ctx.phase, ctx.version, ctx.saga,
+        )
+        refused_event(ctx.saga_id, ctx.saga, ctx.version, reason)
+        raise Ignore()
     step = saga.steps.get(ctx.step) if saga else None
     saga_id, phase = ctx.saga_id, ctx.phase
     attempt = ctx.attempt + int(task.request.retries or 0)
