@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=lambda: current().max_body_bytes)
     app.include_router(saga_router(engine, auth))
     app.include_router(orders_router(auth))
-    dashboard.install(app, engine)
+    dashboard.install(app, engine, auth=auth)
     app.include_router(metrics_router(engine))
 
     @app.get("/", include_in_schema=False)

@@ -2,93 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import threading
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from config.settings import Settings
-from config.web import create_app
+from tests.browser.support import ARTIFACTS, console_errors, js, wait_until
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.engine import start_saga
-from tests.support.services import free_port, require_service
-
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.parametrize("backend", ["sqlite"], indirect=True),  # one browser run is enough
 ]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    """The product's own web app (config.web), served by uvicorn on loopback."""
-    app = create_app(Settings(admin_token="browser-test"))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    require_service(os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER),
-                    "Debian's chromium and chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1280,900",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
-
-
-def console_errors(driver: Any) -> list[str]:
-    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 20, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:  # the page re-renders between polls
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
-
-
-def js(driver: Any, script: str) -> Any:
-    return driver.execute_script(script)
 
 
 def test_list_page_counts_filters_and_searches_sagas(
@@ -139,7 +66,7 @@ def test_a_running_sagas_page_shows_its_steps_changing_state_live(
     assert list(finished) == ["a", "b", "c", "d"]
     wait_until(lambda: js(browser, "return document.querySelector('#saga-state .badge')"
                                    ".dataset.state") == "COMPLETED", what="saga completed")
-    fills = js(browser, "return [...document.querySelectorAll('#graph rect')]"
+    fills = js(browser, "return [...document.querySelectorAll('#graph rect.box')]"
                         ".map(r => getComputedStyle(r).fill)")
     assert len(set(fills)) == 1 and fills[0] != "rgb(0, 0, 0)", "coloured by state"
     assert console_errors(browser) == []

@@ -412,3 +412,16 @@ def test_the_root_points_to_the_dashboard_and_the_docs_which_work_offline(client
     bundle = client.get("/docs/assets/swagger-ui-bundle.js")
     assert bundle.status_code == 200 and len(bundle.content) > 100_000
     assert client.get("/docs/assets/swagger-ui.css").status_code == 200
+
+
+def test_the_sagas_list_filters_by_definition_version(client: TestClient):
+    saga_id = start_saga(ts.linear, {})
+    wait_for_saga(saga_id)
+    v1 = client.get("/sagas", params={"name": "t_linear", "version": 1, "limit": 500}).json()
+    assert saga_id in {s["id"] for s in v1["items"]} and {s["version"] for s in v1["items"]} == {1}
+    assert client.get("/sagas", params={"name": "t_linear", "version": 2}).json()["total"] == 0
+    board = client.get("/dashboard/api/sagas", params={"version": 1, "q": saga_id}).json()
+    assert [s["id"] for s in board["sagas"]] == [saga_id] and board["sagas"][0]["version"] == 1
+    assert client.get("/dashboard/api/sagas", params={"version": 2, "q": saga_id}).json()[
+        "sagas"] == []
+    assert client.get(f"/sagas/{saga_id}").json()["version"] == 1
