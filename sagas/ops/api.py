@@ -25,8 +25,10 @@ from fastapi import (
     status,
 )
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -421,10 +423,6 @@ def install_docs(app: FastAPI, path: str = "/docs") -> None:
     Build the app with ``FastAPI(docs_url=None)`` so this replaces FastAPI's CDN-backed page.
     """
     import swagger_ui_bundle
-    from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.responses import HTMLResponse
-    from fastapi.staticfiles import StaticFiles
-
     assets = f"{path}/assets"
     app.mount(assets, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")
 
