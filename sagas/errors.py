@@ -107,6 +107,14 @@ class Outage:
     message: str
 
 
+OUTAGE_TYPES: tuple[type[Exception], ...] = (
+    StoreUnavailableError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+    KombuOperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+    ConnectionError,
+)
+"""The exception types ``outage_of`` may classify (for frameworks that dispatch by type)."""
+
+
 def outage_of(exc: BaseException) -> Outage | None:
     """The one classifier of "a server is down" used by the CLI, the API and recovery."""
     if isinstance(exc, StoreUnavailableError):

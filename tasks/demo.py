@@ -1,7 +1,7 @@
 """``make demo`` (``python -m tasks.demo``): 20 orders through real workers, one pool per queue.
 
-With REDIS_URL unset it starts a private Redis; with DATABASE_URL unset it uses a fresh SQLite
-file under var/. Orders over the payment limit are declined and must end COMPENSATED with their
+With REDIS_URL unset it starts a private Redis; with DATABASE_URL unset it uses the sample's
+default store, var/sagas.db, which `sagas -A config ...` reads afterwards. Orders over the payment limit are declined and must end COMPENSATED with their
 stock restored; the rest must end COMPLETED. Exit 0 only when every saga ended as expected.
 """
 
@@ -57,11 +57,10 @@ def _prepare_environment(stack: ExitStack) -> None:
         os.environ["REDIS_URL"] = redis.url
         console.print(f"[dim]started a private Redis at {redis.url}[/]")
     if not os.environ.get("DATABASE_URL"):
-        db = Path("var/demo.db")
+        # The sample's default store (config.settings): the one `sagas -A config ...` reads
+        # afterwards, so the commands printed at the end work as printed.
+        db = Path("var/sagas.db")
         db.parent.mkdir(exist_ok=True)
-        for leftover in db.parent.glob("demo.db*"):
-            leftover.unlink()
-        os.environ["DATABASE_URL"] = f"sqlite:///{db}"
         console.print(f"[dim]using the SQLite file {db}[/]")
     # The sample app reads its settings when it is first imported: only now, after the above.
     import config  # noqa: F401
@@ -143,6 +142,13 @@ def _run(count: int, timeout: float, stack: ExitStack) -> int:
     )
     console.print("[bold green]every saga ended as expected[/]" if ok
                   else "[bold red]some sagas did not end as expected[/]")
+    declined = next((i for i, _, e in started if e == "COMPENSATED"), started[0][0])
+    console.print("\nnext, in this clone (the same store):", highlight=False)
+    console.print(f"  .venv/bin/sagas -A config show {declined}", highlight=False,
+                  soft_wrap=True, markup=False)
+    console.print("  .venv/bin/sagas -A config list --limit 20", highlight=False, markup=False)
+    console.print("  make web   then   http://127.0.0.1:8000/dashboard", highlight=False,
+                  markup=False)
     return 0 if ok else 1
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
 from celery.signals import (
     task_failure,
@@ -111,8 +111,20 @@ class SagaListener:
 class JsonLogListener(SagaListener):
     """One JSON line per transition: greppable, and parsed as-is by log shippers."""
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, logger: logging.Logger | None = None, *, stream: IO[str] | None = None
+    ) -> None:
         self.logger = logger or logging.getLogger("sagas.transitions")
+        if stream is not None:
+            # Lines of their own, not inside Celery's "[time: INFO/ForkPoolWorker-1] ..." format:
+            # each line on ``stream`` is one JSON object, as log shippers parse it.
+            if not any(getattr(h, "_sagas_json", False) for h in self.logger.handlers):
+                handler = logging.StreamHandler(stream)
+                handler.setFormatter(logging.Formatter("%(message)s"))
+                handler._sagas_json = True  # type: ignore[attr-defined]
+                self.logger.addHandler(handler)
+            self.logger.setLevel(logging.INFO)
+            self.logger.propagate = False
 
     def _emit(self, event: TransitionEvent) -> None:
         if not self.logger.isEnabledFor(logging.INFO):

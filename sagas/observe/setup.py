@@ -7,6 +7,7 @@ module knows the built-ins (``metrics``, ``json_log``, ``tracing``) and builds t
 from __future__ import annotations
 
 import importlib
+import sys
 import logging
 from typing import Any
 
@@ -22,7 +23,7 @@ log = logging.getLogger("sagas.listeners")
 def build_listener(name: str) -> SagaListener:
     """A built-in by name, or ``module:Class`` of the application's own."""
     if name == "json_log":
-        return JsonLogListener()
+        return JsonLogListener(stream=sys.stderr)  # one JSON object per line, nothing around it
     if name == "metrics":
         return metrics.MetricsListener()
     if name == "tracing":

@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sagas.coordinator import Ignored
 from sagas.engine import Sagas
 from sagas.errors import (
+    OUTAGE_TYPES,
     IdempotencyConflictError,
     InvalidSagaInputError,
     SagaError,
@@ -332,6 +333,19 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("saga error", exc_info=exc)
         return _problem(500, str(exc))
 
+    async def _outage(_: Request, exc: Exception) -> JSONResponse:
+        outage = outage_of(exc)
+        if outage is None:  # an OperationalError that is not a lost connection
+            log.error("unhandled error: %s: %s", type(exc).__name__, exc)
+            return _problem(500, "internal error")
+        return _unavailable(str(outage.kind), exc)
+
+    # By type, so Starlette answers them in its exception middleware: one WARNING line per
+    # request, not uvicorn's "Exception in ASGI application" and a traceback.
+    for outage_type in OUTAGE_TYPES:
+        if not issubclass(outage_type, SagaError):
+            app.add_exception_handler(outage_type, _outage)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         reason = unavailable_reason(exc)
@@ -342,7 +356,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _unavailable(what: str, exc: BaseException) -> JSONResponse:
-    log.warning("%s unavailable: %s", what, exc)
+    lines = str(exc).strip().splitlines()
+    log.warning("%s unavailable: %s", what, lines[0] if lines else type(exc).__name__)
     return _problem(503, f"{what} unavailable, try again later", {"Retry-After": "5"})
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from kombu import Connection as KombuConnection  # type: ignore[attr-defined]
 from kombu import Exchange  # type: ignore[attr-defined]
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, delete, func, inspect, select, update
 
 from sagas.settings import SagaSettings
 from sagas.store.outbox import DEAD, EXCHANGE, PENDING, SENT, outbox_t
@@ -111,6 +111,28 @@ class Relay:
         self.retention = settings.sagas_outbox_retention if retention is None else retention
         self.interval = settings.sagas_outbox_interval
         self._last_cleanup = 0.0
+
+    def _wait_for_schema(self, stop: threading.Event, interval: float) -> bool:
+        """Before ``sagas db upgrade`` has run, wait for the outbox table, saying so once.
+
+        Returns False when stopped first. An unreachable database is the pass's own business.
+        """
+        told = False
+        while not stop.is_set():
+            try:
+                if inspect(self.store.engine).has_table(outbox_t.name):
+                    if told:
+                        log.info("the saga tables are there: relaying")
+                    return True
+            except Exception as exc:
+                log.warning("outbox relay: database unavailable: %s",
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+            else:
+                if not told:
+                    log.info("waiting for the saga tables (run `sagas db upgrade`)")
+                    told = True
+            stop.wait(max(interval, 0.5))
+        return False
 
     def delay(self, attempts: int) -> float:
         """Backoff before the next try after ``attempts`` failed ones (jittered)."""
@@ -213,6 +235,8 @@ class Relay:
         """Loop until ``stop`` is set: full batches back to back, idle polls ``interval`` apart."""
         stop = stop or threading.Event()
         interval = self.interval if interval is None else interval
+        if not self._wait_for_schema(stop, interval):
+            return
         log.info("outbox relay running (batch %s, every %ss when idle)", self.batch, interval)
         while not stop.is_set():
             try:

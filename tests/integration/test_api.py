@@ -380,6 +380,8 @@ def test_with_the_database_unreachable_every_route_answers_503_not_500(
         assert order.json() == {"detail": "database unavailable, try again later"}
         health = httpx.get(f"{base}/healthz", timeout=20).json()
         assert health["database"].startswith("unavailable") and health["broker"] == "ok"
+    logged = (tmp_path / "uvicorn.log").read_text()
+    assert "Exception in ASGI application" not in logged and "Traceback" not in logged
 
 
 def test_with_the_broker_unreachable_an_order_is_503_and_not_kept(
@@ -396,6 +398,10 @@ def test_with_the_broker_unreachable_an_order_is_503_and_not_kept(
         assert health.json()["broker"].startswith("unavailable")
         assert health.json()["database"] == "ok"
         assert httpx.get(f"{base}/sagas", timeout=20).status_code == 200, "reads still work"
+    logged = (tmp_path / "uvicorn.log").read_text()
+    assert "Exception in ASGI application" not in logged and "Traceback" not in logged
+    warnings = [line for line in logged.splitlines() if "broker unavailable" in line]
+    assert warnings, logged
     assert client.get("/orders", params={"customer_id": body["customer_id"]}).json()[
         "total"] == 0
 

@@ -270,3 +270,32 @@ def test_killing_a_relay_mid_batch_loses_no_event(
     assert not once, (f"the killed batch is sent again; sent once only: {once} of "
                       f"{len(unmarked)} unmarked; rows: {outbox_of(saga_ids)}; relay log:\n"
                       f"{log.read_text()}")
+
+
+@pytest.mark.integration
+def test_a_relay_started_before_the_schema_waits_quietly_then_relays(
+    redis_server: Any, tmp_path: Path
+):
+    from tests.conftest import _worker_env
+
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    env = _worker_env(url)
+    log = tmp_path / "relay.log"
+    relay = start_relay(env, log)
+    try:
+        time.sleep(2.5)  # several polls with no tables yet
+        upgraded = subprocess.run([sys.executable, "-m", "sagas.ops.cli", "-A", "config", "db",
+                                   "upgrade"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=60)
+        assert upgraded.returncode == 0, upgraded.stderr
+        deadline = time.monotonic() + 15
+        while "relaying" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.killpg(relay.pid, signal.SIGTERM)
+        relay.wait(15)
+    text = log.read_text()
+    assert text.count("waiting for the saga tables") == 1, text
+    assert "the saga tables are there: relaying" in text
+    for noise in ("no such table", "relation", "Traceback", "SELECT", "[SQL"):
+        assert noise not in text, text

@@ -215,3 +215,26 @@ def test_a_listener_enabled_from_code_survives_a_reconfigure_without_doubling():
     finally:
         tracing.disable()
     assert "TracingListener" not in [type(x).__name__ for x in listeners.active()]
+
+
+def test_json_log_chosen_by_name_writes_bare_json_lines_whatever_the_root_format(capsys):
+    root = logging.getLogger()
+    celery_like = logging.StreamHandler()
+    celery_like.setFormatter(logging.Formatter("[%(asctime)s: %(levelname)s] %(message)s"))
+    root.addHandler(celery_like)
+    logger = logging.getLogger("sagas.transitions")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    logger.handlers[:] = []  # a handler left by an earlier test writes to that test's stderr
+    try:
+        listener = setup.build_listener("json_log")
+        event = listeners.TransitionEvent("s-1", "order", "a", "RUNNING", "SUCCEEDED", 1, None,
+                                          0.25, "StepSucceeded", "RUNNING", 1_700_000_000.0)
+        listener.on_step_transition(event)
+    finally:
+        root.removeHandler(celery_like)
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    parsed = json.loads(lines[0])
+    assert (parsed["saga_id"], parsed["step"], parsed["to"]) == ("s-1", "a", "SUCCEEDED")
