@@ -7,8 +7,8 @@ module knows the built-ins (``metrics``, ``json_log``, ``tracing``) and builds t
 from __future__ import annotations
 
 import importlib
-import sys
 import logging
+import sys
 from typing import Any
 
 from celery.signals import worker_process_shutdown, worker_ready
