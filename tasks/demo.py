@@ -1,8 +1,9 @@
 """``make demo`` (``python -m tasks.demo``): 20 orders through real workers, one pool per queue.
 
 With REDIS_URL unset it starts a private Redis; with DATABASE_URL unset it uses the sample's
-default store, var/sagas.db, which `sagas -A config ...` reads afterwards. Orders over the payment limit are declined and must end COMPENSATED with their
-stock restored; the rest must end COMPLETED. Exit 0 only when every saga ended as expected.
+default store, var/sagas.db, which `sagas -A config ...` reads afterwards. Orders over the
+payment limit are declined and must end COMPENSATED with their stock restored; the rest must end
+COMPLETED. Exit 0 only when every saga ended as expected.
 """
 
 from __future__ import annotations
