@@ -176,20 +176,32 @@ def redeploys(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactor
                 worker.stop()
 
 
+@pytest.fixture(autouse=True)
+def stop_this_tests_deploys(redeploys: Redeploys) -> Iterator[None]:
+    """A failing test must not leave its workers consuming the next test's messages."""
+    before = len(redeploys.deploys)
+    yield
+    for deploy in redeploys.deploys[before:]:
+        for worker in deploy.workers:
+            worker.stop()
+
+
 def started_b_on(redeploys: Redeploys, saga_ids: list[str], register: str) -> int:
     return sum(f"action:b@{register}" in redeploys.versioned.calls(i) for i in saga_ids)
 
 
 def test_v1_sagas_in_flight_finish_on_v1_after_a_redeploy_that_adds_v2(redeploys: Redeploys):
     v = redeploys.versioned
-    old = redeploys.deploy("1")  # 2 workers x 5 processes
     failing = {3, 9, 16}
+    # Started before any worker is up, so every a waits in the queue ahead of every b: however
+    # slow this machine starts sagas, all twenty are at b before the first b ends.
     ids = [
         v.engine.start(v.NAME, {"n": n, "plan": {"b": {"sleep": SLOW},
                                               **({"c": {"fail": True}} if n in failing else {})}},
                        version=1).id
         for n in range(20)
     ]
+    old = redeploys.deploy("1")  # 2 workers x 5 processes
     # In flight on the slow step: every a done, every b dispatched, ten of them running.
     wait_until(lambda: all(redeploys.steps(i) == {"a": "SUCCEEDED", "b": "RUNNING",
                                                   "c": "PENDING"} for i in ids),
