@@ -119,8 +119,9 @@ class Sagas:
     def _install_reconciler(self) -> None:
         settings = self._binding.settings
 
+        # No task events: Flower's Tasks page keeps the operator's sagas, not a run every 5 s.
         @self.app.task(name=RECOVER_TASK, ignore_result=True, queue=settings.saga_queue,  # type: ignore[untyped-decorator]
-                       shared=False)
+                       shared=False, send_events=False)
         def recover() -> dict[str, Any]:
             """Beat's entry point; runs on the saga queue like the coordinator's other tasks."""
             return recover_stalled(self._binding).as_dict()
@@ -237,6 +238,7 @@ class Sagas:
             # step wrongly must not start at all.
             log.critical("worker refused to start: %s", exc)
             raise SystemExit(1) from exc
+        _quiet_reconciler_logs()
         # Every other task of the app too: a step of a version this worker does not register
         # (renamed since) must reach the coordinator's refusal, not run as a plain task.
         registry: Any = self.app.tasks  # type: ignore[union-attr]
@@ -334,3 +336,22 @@ class Sagas:
 
 
 setattr(Sagas._route, _ENGINE_ROUTER, True)  # how a re-configure finds the router already there
+
+
+class _QuietReconciler(logging.Filter):
+    """Drops Celery's "received" and "succeeded" INFO lines of the reconciler's beat task.
+
+    It runs every few seconds; a pass that does something logs its own WARNING summary.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        ours = isinstance(args, dict) and args.get("name") == RECOVER_TASK
+        return not (ours and record.levelno <= logging.INFO)
+
+
+def _quiet_reconciler_logs() -> None:
+    for name in ("celery.worker.strategy", "celery.app.trace"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietReconciler) for f in logger.filters):
+            logger.addFilter(_QuietReconciler())

@@ -128,3 +128,22 @@ def test_flower_lists_each_step_of_a_saga_as_a_task_with_its_state(flower: Flowe
     assert "shipping.create_shipment" not in tasks
     failures = flower.tasks(taskname="payment.charge", state="FAILURE")
     assert f"{declined}.charge_payment.do.1" in failures
+
+
+def test_the_reconcilers_runs_leave_flower_and_the_worker_log_to_the_operators_sagas(
+    flower: Flower, engine_backend: Backend
+):
+    from config import app
+    from sagas.runtime.dispatch import RECOVER_TASK
+
+    wait_until_flower_sees_events(flower)
+    for _ in range(8):  # what beat sends every RECOVERY_INTERVAL: an idle minute, compressed
+        app.send_task(RECOVER_TASK)  # routed to the saga queue by the engine
+    saga_id = start_order_saga.delay(order()).id
+    wait_for_saga(saga_id)
+    wait_for_states(flower, saga_id, {"shipping.create_shipment": "SUCCESS"})
+    time.sleep(1.5)  # the runs were queued before the saga: their events would be in by now
+    assert flower.tasks(taskname=RECOVER_TASK) == {}, "Flower lists the reconciler's runs"
+    log = engine_backend.worker_log()
+    assert f"Task {RECOVER_TASK}[" not in log, "the worker logs two lines per reconciler run"
+    assert f"Task shipping.create_shipment[{saga_id}" in log, "the sagas' own lines stay"
