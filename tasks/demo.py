@@ -46,8 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=90.0)
     args = parser.parse_args(argv or [])
     with ExitStack() as stack:
-        _prepare_environment(stack)
-        return _run(args.orders, args.timeout, stack)
+        try:
+            _prepare_environment(stack)
+            return _run(args.orders, args.timeout, stack)
+        except KeyboardInterrupt:
+            from sagas.devtools.localworkers import stop_all
+
+            stopped = stop_all(_WORKERS)
+            names = ", ".join(f"worker {n}" for n in stopped) or "no worker"
+            redis = " and the private Redis" if os.environ.get("SAGAS_DEMO_PRIVATE_REDIS") else ""
+            console.print(f"\ninterrupted: stopped {names}{redis}", highlight=False)
+            return 130
 
 
 def _prepare_environment(stack: ExitStack) -> None:
@@ -56,6 +65,7 @@ def _prepare_environment(stack: ExitStack) -> None:
     if not os.environ.get("REDIS_URL"):
         redis = stack.enter_context(LocalRedis())
         os.environ["REDIS_URL"] = redis.url
+        os.environ["SAGAS_DEMO_PRIVATE_REDIS"] = "1"
         console.print(f"[dim]started a private Redis at {redis.url}[/]")
     if not os.environ.get("DATABASE_URL"):
         # The sample's default store (config.settings): the one `sagas -A config ...` reads
@@ -65,6 +75,9 @@ def _prepare_environment(stack: ExitStack) -> None:
         console.print(f"[dim]using the SQLite file {db}[/]")
     # The sample app reads its settings when it is first imported: only now, after the above.
     import config  # noqa: F401
+
+
+_WORKERS: list[Any] = []  # every worker this run started, for a Ctrl-C that stops them all
 
 
 def _run(count: int, timeout: float, stack: ExitStack) -> int:
@@ -78,6 +91,7 @@ def _run(count: int, timeout: float, stack: ExitStack) -> int:
     tasks.migrate.upgrade()
     stock_before = _stock()
     workers = [LocalWorker(q, app="config", concurrency=1) for q in QUEUES]
+    _WORKERS.extend(workers)
     for worker in workers:
         worker.start()
         stack.callback(worker.stop)

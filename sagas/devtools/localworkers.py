@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -48,6 +49,16 @@ class LocalWorker:
             time.sleep(0.1)
         raise RuntimeError(f"worker {self.name} not ready after {timeout}s; see {self.log_path}")
 
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the worker's whole process group (main process and pool), if it runs."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -59,3 +70,24 @@ class LocalWorker:
             self.process.wait(5)
         except ProcessLookupError:
             pass
+
+
+def stop_all(workers: list[LocalWorker], grace: float = 2.0) -> list[str]:
+    """Stop every worker at once: SIGTERM to all, SIGKILL to what still runs after ``grace``.
+
+    Returns the names of the workers that were running (for a line saying what stopped).
+    """
+    running = [w for w in workers if w.running]
+    for worker in running:
+        worker.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(w.running for w in running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for worker in running:
+        if worker.running:
+            worker.signal(signal.SIGKILL)
+    for worker in running:
+        if worker.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.process.wait(2)
+    return [w.name for w in running]
