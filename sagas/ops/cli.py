@@ -29,6 +29,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from sagas.coordinator import Decision
 from sagas.engine import Sagas
 from sagas.errors import (
     DefinitionError,
@@ -326,28 +327,28 @@ def _short_time(iso: str | None) -> str:
     return "" if not iso else iso.replace("T", " ")[:19]
 
 
+def _operate(saga_id: str, act: Callable[[Sagas, str], Decision]) -> None:
+    """Run an operator action on the saga an id (or its unique beginning) names; print the state."""
+    current = engine()
+    saga_id = current.store.resolve_id(saga_id)
+    decision = act(current, saga_id)
+    state = current.handle(saga_id).state
+    note = f" ({decision.ignored})" if decision.ignored else ""
+    out.print(f"saga {saga_id}: {styled(state)}{note}")
+
+
 @cli.command("retry")
 @operator_errors
 def retry(saga_id: Annotated[str, typer.Argument(help="The saga's id")]) -> None:
     """Resume a COMPENSATION_FAILED saga, or re-drive a stalled one."""
-    current = engine()
-    saga_id = current.store.resolve_id(saga_id)
-    decision = current.retry(saga_id)
-    state = current.handle(saga_id).state
-    note = f" ({decision.ignored})" if decision.ignored else ""
-    out.print(f"saga {saga_id}: {styled(state)}{note}")
+    _operate(saga_id, lambda current, found: current.retry(found))
 
 
 @cli.command("cancel")
 @operator_errors
 def cancel(saga_id: Annotated[str, typer.Argument(help="The saga's id")]) -> None:
     """Cancel a running saga: its succeeded steps are compensated."""
-    current = engine()
-    saga_id = current.store.resolve_id(saga_id)
-    decision = current.cancel(saga_id)
-    state = current.handle(saga_id).state
-    note = f" ({decision.ignored})" if decision.ignored else ""
-    out.print(f"saga {saga_id}: {styled(state)}{note}")
+    _operate(saga_id, lambda current, found: current.cancel(found))
 
 
 @cli.command("recover")
