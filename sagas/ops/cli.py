@@ -42,7 +42,6 @@ from sagas.errors import (
 from sagas.ops.audit import audit as run_audit
 from sagas.runtime import relay as outbox
 from sagas.states import SagaState
-from sagas.store.outbox import DEAD, PENDING, SENT
 
 cli = typer.Typer(
     name="sagas", help="Run and operate task-graph sagas on Celery.", no_args_is_help=True,
@@ -394,16 +393,18 @@ def audit(
 @operator_errors
 def relay(
     batch: Annotated[int | None, typer.Option(
-        help="Rows claimed per batch (default: SAGAS_OUTBOX_BATCH)", show_default=False)] = None,
+        help="Log rows per batch (default: SAGAS_OUTBOX_BATCH)", show_default=False)] = None,
     interval: Annotated[float | None, typer.Option(
         help="Idle poll interval in seconds (default: SAGAS_OUTBOX_INTERVAL)",
         show_default=False)] = None,
-    lease: Annotated[float, typer.Option(help="SQLite claim lease in seconds")] = 30.0,
+    lease: Annotated[float, typer.Option(
+        help="Seconds the relay holds the cursor between passes; another relay takes over "
+        "after it lapses")] = 30.0,
     throttle: Annotated[float, typer.Option(
         help="Pause after each publish in seconds (gentle backfills)")] = 0.0,
     once: Annotated[bool, typer.Option("--once", help="One batch, then exit")] = False,
 ) -> None:
-    """Publish outbox events to the sagas.events exchange until stopped."""
+    """Publish the saga log's lifecycle events to the sagas.events exchange until stopped."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     worker = engine().relay(batch=batch, lease=lease, throttle=throttle)
@@ -421,20 +422,15 @@ def relay(
 def outbox_stats(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """Outbox rows per status (pending, sent, dead)."""
-    counts = outbox.stats(engine().store)
+    """How far the relay has published the saga log, and what waits behind it."""
+    stats = outbox.stats(engine().store)
     if as_json:
-        print_json(counts)
+        print_json(stats.as_dict())
         return
-    for status in (PENDING, SENT, DEAD):
-        out.print(f"{status:8} {counts.get(status, 0)}", highlight=False)
-
-
-@outbox_cli.command("requeue-dead")
-@operator_errors
-def outbox_requeue_dead() -> None:
-    """Give dead-lettered events another round of attempts (after fixing the broker)."""
-    out.print(f"{outbox.requeue_dead(engine().store)} events requeued", highlight=False)
+    lease = "none" if stats.owner is None else f"{stats.owner} until {stats.lease_until}"
+    out.print(f"position {stats.position} of {stats.newest}", highlight=False)
+    out.print(f"pending  {stats.pending} log rows", highlight=False)
+    out.print(f"lease    {lease}", highlight=False, soft_wrap=True)
 
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True,

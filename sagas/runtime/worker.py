@@ -34,7 +34,7 @@ from sagas.runtime.dispatch import (
     STEP_SUCCEEDED_TASK,
 )
 from sagas.runtime.message import StepContext
-from sagas.runtime.transitions import apply_event, start_saga
+from sagas.runtime.transitions import apply_event, record_success, start_saga
 
 log = logging.getLogger("sagas.worker")
 
@@ -142,8 +142,10 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
             else:
                 retryable = policy.is_transient(exc)
             if retryable and attempt < policy.attempts:
+                countdown = policy.delay(attempt)
                 decision = apply_event(
-                    binding, saga_id, StepRetrying(ctx.step, phase, attempt + 1, describe(exc))
+                    binding, saga_id,
+                    StepRetrying(ctx.step, phase, attempt + 1, describe(exc), countdown),
                 )
                 ignored = decision.ignored
                 if ignored is not None and ignored.kind is not IgnoreKind.ALREADY_RECORDED:
@@ -152,7 +154,7 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
                 # The policy bounds the attempts (checked above); None would mean the task's
                 # max_retries (the worker-lost cap), cutting the policy's last attempts short.
                 raise task.retry(
-                    exc=exc, countdown=policy.delay(attempt), max_retries=policy.attempts
+                    exc=exc, countdown=countdown, max_retries=policy.attempts
                 ) from exc
             uncertain = retryable or isinstance(exc, SoftTimeLimitExceeded)
             if step.pivot and phase == ACTION and uncertain:
@@ -171,7 +173,7 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
     if not ctx.inline:
         return result
     if saga is not None:
-        apply_event(binding, saga_id, StepSucceeded(ctx.step, phase, result))
+        record_success(binding, saga, ctx, attempt, result)
     else:
         # This process cannot decide for a saga it does not know; the coordinator can.
         task.app.send_task(
