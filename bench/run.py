@@ -159,8 +159,8 @@ class Snapshot:
     worker_ticks: int
     broker_ticks: int
     client_cpu: float
-    sql: tuple[int, int]
-    client_sql: tuple[int, int]
+    sql: tuple[int, int, int]
+    client_sql: tuple[int, int, int]
     db_ticks: dict[int, int] = field(default_factory=dict)
 
 
@@ -195,17 +195,18 @@ class Env:
         stats = self.redis.info("commandstats")
         return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
 
-    def sql_counts(self, pid: int | None = None) -> tuple[int, int]:
-        slot = struct.Struct("<qq")
-        stmts = commits = 0
+    def sql_counts(self, pid: int | None = None) -> tuple[int, int, int]:
+        """Statements, commits and rows written, over every process (or one)."""
+        slot = struct.Struct("<qqq")
+        stmts = commits = rows = 0
         files = [self.stats_dir / f"sql-{pid}.bin"] if pid else self.stats_dir.glob("sql-*.bin")
         for path in files:
             try:
-                s, c = slot.unpack(path.read_bytes()[: slot.size])
+                s, c, r = slot.unpack(path.read_bytes()[: slot.size])
             except (OSError, struct.error):
                 continue
-            stmts, commits = stmts + s, commits + c
-        return stmts, commits
+            stmts, commits, rows = stmts + s, commits + c, rows + r
+        return stmts, commits, rows
 
     def snapshot(self) -> Snapshot:
         db_ticks = self.db_ticks()
@@ -246,6 +247,7 @@ class Run:
     msgs_per_saga: float = 0.0
     sql_per_saga: float | None = None
     commits_per_saga: float | None = None
+    rows_per_saga: float | None = None
     client_sql_per_saga: float | None = None
     worker_cpu_ms: float | None = None
     client_cpu_ms: float = 0.0
@@ -331,6 +333,7 @@ class Bench:
         if self.env.counting:
             run.sql_per_saga = (after.sql[0] - before.sql[0]) / n
             run.commits_per_saga = (after.sql[1] - before.sql[1]) / n
+            run.rows_per_saga = (after.sql[2] - before.sql[2]) / n
             run.client_sql_per_saga = (after.client_sql[0] - before.client_sql[0]) / n
         if self.env.worker:
             run.worker_cpu_ms = (after.worker_ticks - before.worker_ticks) * 1000 / CLK_TCK / n
@@ -378,6 +381,7 @@ METRICS = [
     ("msgs_per_saga", "broker messages/saga", "{:.2f}"),
     ("sql_per_saga", "SQL statements/saga", "{:.2f}"),
     ("commits_per_saga", "SQL commits/saga", "{:.2f}"),
+    ("rows_per_saga", "SQL rows written/saga", "{:.2f}"),
     ("worker_cpu_ms", "worker CPU ms/saga", "{:.2f}"),
     ("client_cpu_ms", "client CPU ms/saga", "{:.2f}"),
     ("broker_cpu_ms", "broker CPU ms/saga", "{:.2f}"),
