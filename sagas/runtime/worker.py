@@ -24,7 +24,13 @@ from sagas.coordinator import (
     StepRetrying,
     StepSucceeded,
 )
-from sagas.errors import BusinessError, DefinitionError, SagaError, StepOutcomeUnknown
+from sagas.errors import (
+    BusinessError,
+    DefinitionError,
+    SagaError,
+    StepOutcomeUnknown,
+    StoreUnavailableError,
+)
 from sagas.observe.listeners import refused_event
 from sagas.runtime.binding import Binding, binding_of
 from sagas.runtime.dispatch import (
@@ -143,11 +149,13 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
                 retryable = policy.is_transient(exc)
             if retryable and attempt < policy.attempts:
                 countdown = policy.delay(attempt)
-                decision = apply_event(
-                    binding, saga_id,
-                    StepRetrying(ctx.step, phase, attempt + 1, describe(exc), countdown),
-                )
-                ignored = decision.ignored
+                try:
+                    ignored = apply_event(
+                        binding, saga_id,
+                        StepRetrying(ctx.step, phase, attempt + 1, describe(exc), countdown),
+                    ).ignored
+                except StoreUnavailableError:
+                    ignored = None  # unrecorded; the next attempt's record carries its number
                 if ignored is not None and ignored.kind is not IgnoreKind.ALREADY_RECORDED:
                     log.info("saga %s step %s: no retry: %s", saga_id, ctx.step, ignored)
                     raise
@@ -173,7 +181,15 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
     if not ctx.inline:
         return result
     if saga is not None:
-        record_success(binding, saga, ctx, attempt, result)
+        try:
+            record_success(binding, saga, ctx, attempt, result)
+        except StoreUnavailableError:
+            # The effect happened; only its record waits. The outcome goes to the saga queue,
+            # whose task records it once the store answers: never a failed step.
+            task.app.send_task(
+                STEP_SUCCEEDED_TASK, args=(result, saga_id, ctx.step, phase, attempt),
+                queue=binding.settings.saga_queue,
+            )
     else:
         # This process cannot decide for a saga it does not know; the coordinator can.
         task.app.send_task(
@@ -185,7 +201,8 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
 
 # Failures that say nothing about whether the step's effect happened (see StepFailed.definite).
 _INDEFINITE = frozenset({
-    StepOutcomeUnknown.__name__, "WorkerLostError", "TimeLimitExceeded", "Reject",
+    StepOutcomeUnknown.__name__, StoreUnavailableError.__name__, "WorkerLostError",
+    "TimeLimitExceeded", "Reject",
     "ConnectionError", "OperationalError", "TimeoutError", "BackendStoreError",
     "BackendGetMetaError",
 })
@@ -219,15 +236,39 @@ def _failure_of(task: Task, task_id: str) -> str:
 
 
 
+STORE_RETRY_MAX = 30.0
+"""Longest wait (s) between two tries of an engine task while the saga store is down."""
+
+
+def _store_retry(task: Task, exc: StoreUnavailableError) -> Retry:
+    """Hold an engine task's message in the broker until the store answers (backoff, no cap).
+
+    The outage was logged once by the store; Celery's own retry line is enough per task.
+    """
+    countdown = min(STORE_RETRY_MAX, 2.0 ** min(int(task.request.retries or 0), 5))
+    return task.retry(exc=exc, countdown=countdown, max_retries=None)
+
+
 def install(binding: Binding) -> None:
-    """Register the coordinator's tasks on the binding's app, routed to its saga queue."""
+    """Register the coordinator's tasks on the binding's app, routed to its saga queue.
+
+    Each records through the store; while the store cannot be reached the task is retried
+    (its message stays in the broker), so no outcome is lost and none is taken for a failure.
+    """
     app, queue = binding.app, binding.settings.saga_queue
 
-    @app.task(name=STEP_SUCCEEDED_TASK, ignore_result=True, queue=queue, shared=False)  # type: ignore[untyped-decorator]
-    def step_succeeded(result: Any, saga_id: str, step: str, phase: str) -> None:
-        """``link`` target for steps the engine cannot run inline (tasks in other codebases)."""
-        event = StepSucceeded(step, phase, normalize_result(result))  # type: ignore[arg-type]
-        apply_event(binding, saga_id, event)
+    @app.task(name=STEP_SUCCEEDED_TASK, bind=True, ignore_result=True, queue=queue,  # type: ignore[untyped-decorator]
+              shared=False)
+    def step_succeeded(
+        self: Task, result: Any, saga_id: str, step: str, phase: str, attempt: int | None = None
+    ) -> None:
+        """``link`` target for steps the engine cannot run inline (tasks in other codebases),
+        and where a step's worker hands its outcome while the store is down."""
+        event = StepSucceeded(step, phase, normalize_result(result), attempt)  # type: ignore[arg-type]
+        try:
+            apply_event(binding, saga_id, event)
+        except StoreUnavailableError as exc:
+            raise _store_retry(self, exc) from exc
 
     @app.task(name=STEP_FAILED_TASK, bind=True, ignore_result=True, queue=queue, shared=False)  # type: ignore[untyped-decorator]
     def step_failed(
@@ -236,16 +277,23 @@ def install(binding: Binding) -> None:
         """``link_error`` target; ``bind=True`` makes Celery send it as a message, not inline."""
         error = _failure_of(self, task_id)
         failed = StepFailed(step, phase, error, definite=_is_definite(error))  # type: ignore[arg-type]
-        apply_event(binding, saga_id, failed)
+        try:
+            apply_event(binding, saga_id, failed)
+        except StoreUnavailableError as exc:
+            raise _store_retry(self, exc) from exc
 
     @app.task(name=START_TASK, bind=True, ignore_result=True, queue=queue, shared=False)  # type: ignore[untyped-decorator]
     def start(
         self: Task, saga_name: str, data: dict[str, Any], idempotency_key: str | None = None
     ) -> str:
         """Start any registered saga by name; the task id becomes the saga id."""
-        return start_saga(
-            binding, saga_name, data, saga_id=self.request.id, idempotency_key=idempotency_key
-        )
+        try:
+            return start_saga(
+                binding, saga_name, data, saga_id=self.request.id,
+                idempotency_key=idempotency_key,
+            )
+        except StoreUnavailableError as exc:
+            raise _store_retry(self, exc) from exc
 
 
 def unknown_task_report(binding: Binding) -> list[str]:

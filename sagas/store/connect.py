@@ -8,12 +8,15 @@ when it sat idle (a ``SELECT 1`` per checkout would cost a round trip per transi
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -124,3 +127,45 @@ def _ping_when_idle(engine: Engine) -> None:
             raise DisconnectionError(f"stale pooled connection: {exc}") from exc
 
 
+
+
+class WriterLock:
+    """Writers of one SQLite file take turns in the kernel (``flock``), not in SQLite's busy loop.
+
+    SQLite lets one writer in at a time; a writer that finds the file locked sleeps and polls
+    (1, 2, 5, 10 ms ...), so two pool processes and a client writing at once lose whole
+    milliseconds to sleeps. Taking an exclusive ``flock`` on a side file first makes the next
+    writer wake the moment the previous one commits. Every writer of this engine takes it; one
+    that does not (another program) is still serialised by SQLite itself, as before.
+    """
+
+    def __init__(self, database: str) -> None:
+        self.path = f"{database}.writer-lock"
+        self._local = threading.local()
+
+    def _fd(self) -> int:
+        held = getattr(self._local, "fd", None)
+        if held is not None and held[0] == os.getpid():
+            return int(held[1])
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._local.fd = (os.getpid(), fd)  # per process and thread: flock is per open file
+        return fd
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        fd = self._fd()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def writer_lock(url: str) -> WriterLock | None:
+    """The writer lock of a SQLite file store; None for other databases and in-memory ones."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:") \
+            or database.startswith("file:"):
+        return None
+    return WriterLock(str(Path(database).resolve()))

@@ -21,6 +21,9 @@ Every decision and its log row commit before anything is published.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -43,14 +46,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.sql import ClauseElement
 
 from sagas.coordinator import Decision, SagaSnapshot
 from sagas.errors import IdempotencyConflictError, SagaNotFoundError, StoreUnavailableError
 from sagas.states import SAGA_SETTLED, SagaState, StepState
 from sagas.store import log as saga_log
-from sagas.store.connect import READ_ONLY, get_engine, input_digest, utcnow
+from sagas.store import outages
+from sagas.store.connect import READ_ONLY, get_engine, input_digest, utcnow, writer_lock
 from sagas.store.log import LogEntry, dedupe_key, encode_decision, entry_of
 from sagas.store.prepared import PreparedSet, count
 from sagas.store.prepared import execute as run
@@ -173,6 +177,10 @@ HOT = PreparedSet({
 })
 """The statements every transition runs, on the DBAPI cursor (see ``sagas.store.prepared``)."""
 
+_NO_LOCK = contextlib.nullcontext()
+_INHERITED: list[Any] = []
+"""Connections a forked child inherited from its parent's main thread: kept, never used."""
+
 StepOrder = Callable[[str, int], Sequence[str] | None]
 """A saga version's step order (its definition's topological order), or None when unknown."""
 
@@ -192,6 +200,8 @@ class Store:
         self.echo = echo
         self.step_order = step_order
         self.dialect = make_url(url).get_backend_name()
+        self._local = threading.local()
+        self._writer_lock = writer_lock(url)
 
     @property
     def engine(self) -> Engine:
@@ -199,11 +209,60 @@ class Store:
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
+        """One write transaction; ``StoreUnavailableError`` when the database cannot be reached.
+
+        A process's main thread (a prefork pool process, a script) keeps its connection open
+        between transactions instead of checking one out of the pool for each transition; any
+        other thread (a web app's) checks one out per transaction. A connection the database
+        dropped is replaced by the next transaction. One WARNING line per outage, and one INFO
+        line when the database answers again (``outages``).
+        """
         try:
-            with self.engine.begin() as conn:
-                yield conn
-        except OperationalError as exc:
+            held = self._held()
+            if held is None:
+                with self._writing(), self.engine.begin() as conn:
+                    yield conn
+            else:
+                try:
+                    with self._writing(), held.begin():
+                        yield held
+                except DBAPIError as exc:
+                    if exc.connection_invalidated or held.invalidated:
+                        self._drop_held()
+                    raise
+        except (OperationalError, InterfaceError) as exc:
+            outages.down(self, exc)
             raise StoreUnavailableError(f"saga store unavailable: {exc.orig}") from exc
+        outages.up(self)
+
+    def _writing(self) -> contextlib.AbstractContextManager[None]:
+        return self._writer_lock.held() if self._writer_lock is not None else _NO_LOCK
+
+    def _held(self) -> Connection | None:
+        """The main thread's own connection, opened on first use and kept; None elsewhere."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        held: tuple[int, Connection] | None = getattr(self._local, "held", None)
+        pid = os.getpid()
+        if held is not None:
+            if held[0] == pid and not held[1].closed and not held[1].invalidated:
+                return held[1]
+            if held[0] != pid:
+                # Inherited across a fork: the parent's socket. Never touch or collect it (its
+                # pool would roll back on the parent's connection from this process).
+                _INHERITED.append(held)
+            else:
+                self._drop_held()
+        conn = self.engine.connect()
+        self._local.held = (pid, conn)
+        return conn
+
+    def _drop_held(self) -> None:
+        held = getattr(self._local, "held", None)
+        self._local.held = None
+        if held is not None and held[0] == os.getpid():
+            with contextlib.suppress(Exception):
+                held[1].close()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

@@ -373,7 +373,7 @@ def test_a_row_that_commits_late_on_postgresql_is_not_skipped(tmp_path_factory: 
         assert relay.run_once() == 1
         snap = SagaSnapshot(early, "order", SagaState.RUNNING, {},
                             {"x0": StepSnapshot("x0", StepState.SUCCEEDED, 1, {})})
-        with store.begin() as slow:  # takes its seq first, commits last
+        with store.engine.begin() as slow:  # its own connection: takes its seq first, commits last
             store.append(slow, snap, Decision(transitions=[
                 Transition("x0", StepState.RUNNING, StepState.SUCCEEDED, 1)]),
                 cause="StepSucceeded", subject="x0", stall_deadline=None)
