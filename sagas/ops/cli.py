@@ -577,7 +577,8 @@ def bench(
     repeat: Annotated[int, typer.Option(
         metavar="N", callback=_at_least(1), help="Interleaved repetitions")] = 3,
     idle: Annotated[int, typer.Option(
-        metavar="N", callback=_at_least(0), help="Idle-latency samples per variant and repetition")] = 50,
+        metavar="N", callback=_at_least(0),
+        help="Idle-latency samples per variant and repetition")] = 50,
     warmup: Annotated[int, typer.Option(
         metavar="N", callback=_at_least(0), help="Untimed sagas per variant first")] = 20,
     concurrency: Annotated[int, typer.Option(
