@@ -345,7 +345,7 @@ def show(saga_id: SagaId, as_json: AsJson = False) -> None:
     if view["error"]:
         out.print(f"error: {view['error']}", markup=False)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("step", overflow="fold")
+    table.add_column("step", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("tries", no_wrap=True)
     table.add_column("undos", no_wrap=True)
@@ -359,16 +359,18 @@ def show(saga_id: SagaId, as_json: AsJson = False) -> None:
     for step_name, result in view["context"]["results"].items():
         out.print(f"result of {step_name}: " + json.dumps(result, default=str), markup=False,
                   highlight=False, soft_wrap=True)
+    # Step names and states are whole; below 120 columns the errors (already in the table
+    # above and on the saga's line) give way rather than fold into a column of syllables.
+    wide = out.width >= 120
     history = Table(title="history (UTC)", box=box.SIMPLE_HEAD, pad_edge=False)
-    history.add_column("at", no_wrap=True)
-    history.add_column("step", overflow="fold")
-    history.add_column("from", no_wrap=True)
-    history.add_column("to", no_wrap=True)
-    history.add_column("#", no_wrap=True)
-    history.add_column("error", overflow="fold")
+    for column in ("at", "step", "from", "to", "#"):
+        history.add_column(column, no_wrap=True)
+    if wide:
+        history.add_column("error", overflow="fold")
     for e in view["events"]:
-        history.add_row((e["at"] or "")[11:23], e["step"] or "(saga)", e["from_state"] or "",
-                        e["to_state"], str(e["attempt"]), e["error"] or "")
+        cells = [(e["at"] or "")[11:23], e["step"] or "(saga)", e["from_state"] or "",
+                 e["to_state"], str(e["attempt"])]
+        history.add_row(*cells, *([e["error"] or ""] if wide else []))
     out.print(history)
 
 
@@ -401,7 +403,7 @@ def list_sagas(
     table = Table(title=f"{total} sagas", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("id", no_wrap=True, min_width=36)
     table.add_column("state", no_wrap=True)
-    table.add_column("saga", overflow="fold")
+    table.add_column("saga", no_wrap=True)
     if wide:
         table.add_column("created (UTC)", no_wrap=True)
     table.add_column("error", overflow="fold")

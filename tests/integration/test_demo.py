@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -117,3 +118,6 @@ def test_a_cold_make_demo_in_a_fresh_clone_is_under_a_minute_and_its_printed_com
                            capture_output=True, text=True, timeout=60, check=False)
     assert shown.returncode == 0 and saga_id in shown.stdout, shown.stderr
     assert "input: " in shown.stdout and "result of reserve_inventory" in shown.stdout
+    # At 80 columns the history's step names and states are whole, never folded.
+    assert re.search(r"^\s*[\d:.]+\s+reserve_inventory\s+SUCCEEDED\s+COMPENSATING\s+1\s*$",
+                     shown.stdout, re.M), shown.stdout
