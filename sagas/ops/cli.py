@@ -569,8 +569,14 @@ def _checkout_module(name: str) -> Any:
         raise fail("sagas bench runs from a checkout of the sagas repository (bench/)") from None
 
 
+_THROUGHPUT_ONLY = ("n", "failure_n", "repeat", "idle", "warmup", "redis_url",
+                    "use_running_workers", "no_failure", "quick", "keep")
+"""Options of the throughput bench that ``--in-flight`` has no use for."""
+
+
 @command(cli, "bench")
 def bench(
+    ctx: typer.Context,
     n: Annotated[int, typer.Option(
         "-n", "--n", metavar="N", callback=_at_least(1), help="Sagas per variant and run")] = 2000,
     failure_n: Annotated[int | None, typer.Option(
@@ -622,6 +628,12 @@ def bench(
         raise typer.BadParameter("it needs --redis-url and --database-url",
                                  param_hint="--use-running-workers")
     if in_flight is not None:
+        given = [name for name in _THROUGHPUT_ONLY
+                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise typer.BadParameter(f"the in-flight study takes no {flags}",
+                                     param_hint="--in-flight")
         scale = _checkout_module("bench.scale")
         raise typer.Exit(scale.main(scale.ScaleOptions(
             in_flight=in_flight, database_url=database_url, concurrency=concurrency,

@@ -119,7 +119,8 @@ def test_bench_help_is_typers_and_lists_every_option() -> None:
 def test_a_wrong_bench_option_is_typers_usage_error() -> None:
     env = dict(os.environ, COLUMNS="80", PYTHONPATH=str(ROOT))
     for args, words in ((["--bogus"], "No such option"), (["-n", "0"], "0 is less than 1"),
-                        (["--use-running-workers"], "needs --redis-url and --database-url")):
+                        (["--use-running-workers"], "needs --redis-url and --database-url"),
+                        (["--in-flight", "10", "--quick"], "the in-flight study takes no --quick")):
         ran = subprocess.run([SAGAS, "bench", *args], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=60, check=False)
         said = " ".join(ran.stderr.replace("│", " ").split())  # rich's box, unwrapped
