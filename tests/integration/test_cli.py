@@ -20,6 +20,7 @@ from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.engine import get_store, start_saga
 from tests.support.services import free_port
+from tests.support.terminal import run_on_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -239,3 +240,17 @@ def test_relay_once_publishes_what_waits_and_outbox_stats_says_so(engine_backend
     assert outbox.stats(get_store()).pending == 0
     as_json = json.loads(sagas(engine_backend.env, "outbox", "stats", "--json").stdout)
     assert as_json["pending"] == 0 and as_json["position"] == as_json["newest"]
+
+
+def test_audit_shows_a_spinner_on_a_terminal_and_only_its_report_when_piped(
+    engine_backend: Backend,
+):
+    """A command that may take a while on a big store says what it is doing, on a terminal."""
+    wait_for_saga(start_saga(ts.linear, {}))
+    code, text = run_on_terminal([SAGAS, "audit", "--no-idle"], cwd=ROOT, env=engine_backend.env)
+    assert code in (0, 1), text
+    assert "auditing every saga in the store" in text and "audit" in text
+    piped = sagas(engine_backend.env, "audit", "--no-idle")
+    assert piped.returncode == code, piped.stderr
+    assert "auditing every saga" not in piped.stdout + piped.stderr
+    assert "\x1b" not in piped.stdout + piped.stderr
