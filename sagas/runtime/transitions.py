@@ -101,12 +101,12 @@ def start_saga(
     decision = decide(definition, snap, Started())
     _moved(snap, decision)
     deadline_at = deadline_after(definition.deadline) if definition.deadline else None
-    recorded = binding.store.start(
+    recorded, new = binding.store.start(
         snap, decision, idempotency_key=idempotency_key, digest=digest,
         stall_deadline=stall_deadline(binding.settings, definition, snap),
         deadline_at=deadline_at,
     )
-    if recorded != saga_id:
+    if not new:
         log.info("duplicate start of saga %s ignored", recorded)
         return recorded
     notify(snap, decision, Started())

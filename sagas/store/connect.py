@@ -123,6 +123,8 @@ def _ping_when_idle(engine: Engine) -> None:
                 cursor.execute("SELECT 1")
             finally:
                 cursor.close()
+            if not getattr(dbapi_conn, "autocommit", True):
+                dbapi_conn.rollback()  # leave no transaction open: the next user may autocommit
         except Exception as exc:
             raise DisconnectionError(f"stale pooled connection: {exc}") from exc
 

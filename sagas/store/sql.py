@@ -86,6 +86,53 @@ def _insert_log(dialect: str) -> ClauseElement:
     return insert(log_t)
 
 
+def _log_select(dialect: str) -> Any:
+    """The log row's values as a SELECT list (for INSERT ... SELECT guarded by a source)."""
+    return select(
+        bindparam("saga_id", type_=String), bindparam("at", type_=log_t.c.at.type),
+        bindparam("cause", type_=String), bindparam("step", type_=String),
+        bindparam("saga_state", type_=String),
+        bindparam("transitions", type_=JSON), bindparam("result", type_=JSON),
+        bindparam("dedupe", type_=String),
+        *([_txid(dialect)] if dialect == "postgresql" else []),
+    )
+
+
+def _log_columns(dialect: str) -> list[str]:
+    return [*_LOG_COLUMNS, *(["txid"] if dialect == "postgresql" else [])]
+
+
+def _start_pg(dialect: str) -> ClauseElement:
+    """PostgreSQL: the saga row and its start row in one statement (one round trip, one commit).
+
+    A duplicate id or idempotency key inserts neither (the log row selects from the saga
+    insert's RETURNING, which is empty on conflict).
+    """
+    saga = (
+        postgresql.insert(sagas_t)
+        .values({c: bindparam(f"s_{c}", type_=sagas_t.c[c].type) for c in _SAGA_COLUMNS})
+        .on_conflict_do_nothing()
+        .returning(sagas_t.c.id)
+        .cte("new_saga")
+    )
+    built: ClauseElement = insert(log_t).from_select(
+        _log_columns(dialect), _log_select(dialect).select_from(saga)
+    )
+    return built
+
+
+def _complete_pg(dialect: str) -> ClauseElement:
+    """PostgreSQL: the saga's last step completes it in one statement, only while it runs on
+    this graph; returns the saga's start time (no row when refused)."""
+    done = _COMPLETE_IF_RUNNING.cte("done")
+    entry = (
+        insert(log_t).from_select(_log_columns(dialect), _log_select(dialect).select_from(done))
+        .returning(log_t.c.seq).cte("entry")
+    )
+    built: ClauseElement = select(done.c.created_at).add_cte(entry)
+    return built
+
+
 def _insert_log_if_running(dialect: str) -> ClauseElement:
     """The log row of a success the graph decides, only while the saga runs on this graph.
 
@@ -94,14 +141,7 @@ def _insert_log_if_running(dialect: str) -> ClauseElement:
     concurrent decision that holds it (cancel, a failure) is either seen whole or waits for us.
     """
     guard = (
-        select(
-            bindparam("saga_id", type_=String), bindparam("at", type_=log_t.c.at.type),
-            bindparam("cause", type_=String), bindparam("step", type_=String),
-            bindparam("saga_state", type_=String),
-            bindparam("transitions", type_=JSON), bindparam("result", type_=JSON),
-            bindparam("dedupe", type_=String), *([_txid(dialect)] if dialect == "postgresql"
-                                                 else []),
-        )
+        _log_select(dialect)
         .select_from(sagas_t)
         .where(
             sagas_t.c.id == bindparam("b_saga_id"),
@@ -110,7 +150,7 @@ def _insert_log_if_running(dialect: str) -> ClauseElement:
             == bindparam("b_fingerprint"),
         )
     )
-    columns = [*_LOG_COLUMNS, *(["txid"] if dialect == "postgresql" else [])]
+    columns = _log_columns(dialect)
     if dialect == "postgresql":
         guard = guard.with_for_update(read=True, key_share=True)
         stmt: Any = postgresql.insert(log_t).from_select(columns, guard)
@@ -166,6 +206,8 @@ _SAGA_COLUMNS = ("id", "name", "state", "input", "idempotency_key", "input_diges
                  "definition_fingerprint")
 
 HOT = PreparedSet({
+    "start_pg": (_start_pg, None),
+    "complete_pg": (_complete_pg, None),
     "insert_saga": (_insert_saga, _SAGA_COLUMNS),
     "insert_log": (_insert_log, _LOG_COLUMNS),
     "insert_log_if_running": (_insert_log_if_running, None),
@@ -218,7 +260,7 @@ class Store:
         line when the database answers again (``outages``).
         """
         try:
-            held = self._held()
+            held = self._held() if self.dialect != "postgresql" else None
             if held is None:
                 with self._writing(), self.engine.begin() as conn:
                     yield conn
@@ -238,8 +280,13 @@ class Store:
     def _writing(self) -> contextlib.AbstractContextManager[None]:
         return self._writer_lock.held() if self._writer_lock is not None else _NO_LOCK
 
-    def _held(self) -> Connection | None:
-        """The main thread's own connection, opened on first use and kept; None elsewhere."""
+    def _held(self, autocommit: bool = False) -> Connection | None:
+        """The main thread's own connection, opened on first use and kept; None elsewhere.
+
+        On PostgreSQL it runs in autocommit, for single statements only (``single``); the
+        multi-statement transactions of the lock path check a pooled connection out. On SQLite
+        it serves both (its transactions begin explicitly).
+        """
         if threading.current_thread() is not threading.main_thread():
             return None
         held: tuple[int, Connection] | None = getattr(self._local, "held", None)
@@ -254,6 +301,12 @@ class Store:
             else:
                 self._drop_held()
         conn = self.engine.connect()
+        try:
+            if self.dialect == "postgresql":
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+        except BaseException:
+            conn.close()
+            raise
         self._local.held = (pid, conn)
         return conn
 
@@ -282,32 +335,36 @@ class Store:
         digest: str | None,
         stall_deadline: datetime | None,
         deadline_at: datetime | None,
-    ) -> str:
-        """Record a new saga and its first decision; returns the id of the saga that is.
+    ) -> tuple[str, bool]:
+        """Record a new saga and its first decision: (the saga's id, whether it is new).
 
         A start whose id or idempotency key is taken inserts nothing and returns the existing
-        saga's id (``IdempotencyConflictError`` when the key came with another payload).
+        saga's id with False (``IdempotencyConflictError`` when the key came with another
+        payload). The start row names the instance's steps: its graph, whatever is deployed
+        later.
         """
-        with self.begin() as conn:
-            inserted = count(
-                conn, HOT.get(conn, "insert_saga"),
-                {
-                    "id": snap.id, "name": snap.name, "state": str(snap.state),
-                    "input": snap.input, "idempotency_key": idempotency_key,
-                    "input_digest": digest, "error": snap.error,
-                    "stall_deadline": stall_deadline, "deadline_at": deadline_at, "version": 1,
-                    "definition_version": snap.version,
-                    "definition_fingerprint": snap.fingerprint,
-                },
-            )
-            if not inserted:
-                existing = self.find_existing(conn, snap.id, idempotency_key, digest)
-                if existing is None:  # pragma: no cover - a conflict names one of the two keys
-                    raise IdempotencyConflictError(f"saga {snap.id} could not be recorded")
-                return existing
-            # The start row names the instance's steps: its graph, whatever is deployed later.
-            self._append(conn, snap, decision, "Started", None, {"steps": list(snap.steps)})
-        return snap.id
+        saga = {
+            "id": snap.id, "name": snap.name, "state": str(snap.state), "input": snap.input,
+            "idempotency_key": idempotency_key, "input_digest": digest, "error": snap.error,
+            "stall_deadline": stall_deadline, "deadline_at": deadline_at, "version": 1,
+            "definition_version": snap.version, "definition_fingerprint": snap.fingerprint,
+        }
+        entry = self._log_params(snap, decision, "Started", None, {"steps": list(snap.steps)})
+        if self.dialect == "postgresql":
+            params = {**{f"s_{k}": v for k, v in saga.items()}, **entry}
+            inserted = self.single("start_pg", params)
+        else:
+            with self.begin() as conn:
+                inserted = count(conn, HOT.get(conn, "insert_saga"), saga)
+                if inserted:
+                    run(conn, HOT.get(conn, "insert_log"), entry)
+        if inserted:
+            return snap.id, True
+        with self.read() as conn:
+            existing = self.find_existing(conn, snap.id, idempotency_key, digest)
+        if existing is None:  # pragma: no cover - a conflict names one of the two keys
+            raise IdempotencyConflictError(f"saga {snap.id} could not be recorded")
+        return existing, False
 
     def find_existing(
         self, conn: Connection, saga_id: str, idempotency_key: str | None, digest: str | None
@@ -330,25 +387,64 @@ class Store:
 
         Returns (recorded, the saga's start time when this completed it). Nothing is recorded
         when the saga no longer runs on ``fingerprint``'s graph or the success was recorded
-        before: the caller then decides under the saga's lock.
+        before: the caller then decides under the saga's lock. One statement where the
+        database allows it (a single committed INSERT; on PostgreSQL the completion too).
         """
-        fingerprint = fingerprint or ""
-        with self.begin() as conn:
-            if decision.saga_changed:  # the saga's last step: it completes
-                done = run(conn, HOT.get(conn, "complete_if_running"),
-                           {"b_saga_id": snap.id, "b_fingerprint": fingerprint})
-                if not done:
-                    return False, None
-                self._append(conn, snap, decision, "StepSucceeded", step)
-                return True, done[0][0]
-            inserted = count(
-                conn, HOT.get(conn, "insert_log_if_running"),
-                {
-                    **self._log_params(snap, decision, "StepSucceeded", step),
-                    "b_saga_id": snap.id, "b_fingerprint": fingerprint,
-                },
-            )
-        return bool(inserted), None
+        guard = {"b_saga_id": snap.id, "b_fingerprint": fingerprint or ""}
+        entry = self._log_params(snap, decision, "StepSucceeded", step)
+        if not decision.saga_changed:
+            return bool(self.single("insert_log_if_running", {**entry, **guard})), None
+        if self.dialect == "postgresql":
+            done = self.single("complete_pg", {**entry, **guard}, rows=True)
+            return (True, done[0][0]) if done else (False, None)
+        with self.begin() as conn:  # the saga's last step: it completes
+            done = run(conn, HOT.get(conn, "complete_if_running"), guard)
+            if not done:
+                return False, None
+            run(conn, HOT.get(conn, "insert_log"), entry)
+        return True, done[0][0]
+
+    def single(self, key: str, params: dict[str, Any], *, rows: bool = False) -> Any:
+        """One hot statement as a transaction of its own: one round trip, committed by itself.
+
+        The process's main thread runs it on its kept connection (in autocommit: no BEGIN or
+        COMMIT round trip); other threads on a pooled one. A connection the server dropped
+        (a restart) is replaced and the statement sent once more: every hot statement is
+        refused by the database when it already happened (unique keys, conditions), so a
+        second send changes nothing. Returns the rows written (or the rows, with ``rows``).
+        """
+        for tries_left in (1, 0):
+            try:
+                with self._writing(), self._autocommit() as conn:
+                    prepared = HOT.get(conn, key)
+                    if conn.dispatch.commit:
+                        # The statement is the commit: listeners hear of it as SQLAlchemy's
+                        # own commit event says, just before it happens.
+                        conn.dispatch.commit(conn)
+                    out = run(conn, prepared, params) if rows else count(conn, prepared, params)
+            except DBAPIError as exc:
+                if exc.connection_invalidated:
+                    self._drop_held()
+                    if tries_left:
+                        continue
+                if isinstance(exc, OperationalError | InterfaceError):
+                    outages.down(self, exc)
+                    raise StoreUnavailableError(f"saga store unavailable: {exc.orig}") from exc
+                raise
+            outages.up(self)
+            return out
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextmanager
+    def _autocommit(self) -> Iterator[Connection]:
+        held = self._held(autocommit=True)
+        if held is not None:
+            yield held
+            return
+        with self.engine.connect() as conn:
+            if self.dialect == "postgresql":
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
 
     def load(self, conn: Connection, saga_id: str, lock: bool = True) -> SagaSnapshot | None:
         """The saga replayed from its log; under its row lock when ``lock`` (PostgreSQL).
