@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -41,7 +42,9 @@ from sagas.errors import (
 )
 from sagas.ops.audit import audit as run_audit
 from sagas.runtime import relay as outbox
+from sagas.runtime.poison import PoisonReason
 from sagas.states import SagaState
+from sagas.store import dead_letters
 from sagas.store.outbox import DEAD, PENDING, SENT
 
 cli = typer.Typer(
@@ -50,8 +53,11 @@ cli = typer.Typer(
 )
 db_cli = typer.Typer(help="The saga store's schema.", no_args_is_help=True)
 outbox_cli = typer.Typer(help="The outbox of saga lifecycle events.", no_args_is_help=True)
+dead_cli = typer.Typer(help="Dead letters: messages workers refused as poison.",
+                       invoke_without_command=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(outbox_cli, name="outbox")
+cli.add_typer(dead_cli, name="dead")
 
 out = Console()
 err = Console(stderr=True)
@@ -435,6 +441,101 @@ def outbox_stats(
 def outbox_requeue_dead() -> None:
     """Give dead-lettered events another round of attempts (after fixing the broker)."""
     out.print(f"{outbox.requeue_dead(engine().store)} events requeued", highlight=False)
+
+
+@dead_cli.callback()
+@operator_errors
+def dead(
+    ctx: typer.Context,
+    reason: Annotated[PoisonReason | None, typer.Option(
+        help="Only dead letters refused for this reason", case_sensitive=False,
+        show_default=False)] = None,
+    limit: Annotated[int, typer.Option(help="Most dead letters to list", min=1)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """List dead letters, newest first (`sagas dead show ID`, `sagas dead purge ...`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    store = engine().store
+    rows, total = dead_letters.list_dead(
+        store, reason=str(reason) if reason else None, limit=limit)
+    if as_json:
+        print_json({"total": total, "counts": dead_letters.counts(store), "items": rows})
+        return
+    # Ids and reasons are never cut (an id is what `show` and `purge` take); the rest folds.
+    # Below 100 columns (or piped at 80) the time gives way: `show` and --json have it.
+    wide = out.width >= 100
+    table = Table(title=f"{total} dead letters", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("id", no_wrap=True, justify="right")
+    if wide:
+        table.add_column("at (UTC)", no_wrap=True)
+    table.add_column("reason", no_wrap=True)
+    table.add_column("queue", overflow="fold")
+    table.add_column("task", overflow="fold")
+    table.add_column("detail", overflow="fold", ratio=1)
+    for r in rows:
+        cells = [str(r["id"])]
+        if wide:
+            cells.append(_short_time(r["at"]))
+        detail = r["detail"]
+        if r["saga_id"] and detail.startswith(f"saga {r['saga_id']}: "):
+            detail = detail[len(r["saga_id"]) + 7:]  # the saga id is in `show` and --json
+        cells += [r["reason"], r["queue"] or "", r["task"] or "", detail]
+        table.add_row(*cells)
+    out.print(table, markup=False, highlight=False)
+    if total:
+        out.print("sagas dead show ID: one in full; sagas dead purge ID... | --reason R | --all",
+                  markup=False, highlight=False, soft_wrap=True)
+
+
+@dead_cli.command("show")
+@operator_errors
+def dead_show(
+    letter_id: Annotated[int, typer.Argument(help="The dead letter's id", min=1)],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """One dead letter: why, where from, its headers and the start of its body."""
+    letter = dead_letters.get_dead(engine().store, letter_id)
+    if letter is None:
+        raise fail(f"no dead letter {letter_id}", EXIT_NOT_FOUND)
+    if as_json:
+        print_json(letter)
+        return
+    for key in ("id", "at", "reason", "detail", "queue", "task", "task_id", "saga_id", "step",
+                "size", "content_type", "worker"):
+        if letter[key] is not None:
+            out.print(f"{key}: {letter[key]}", markup=False, highlight=False, soft_wrap=True)
+    out.print("headers: " + json.dumps(letter["headers"], default=str), markup=False,
+              highlight=False, soft_wrap=True)
+    kept = len(letter["body"] or "")
+    cut = f", the first {kept} characters" if kept < letter["size"] else ""
+    out.print(f"body{cut}:", markup=False, highlight=False)
+    out.print(letter["body"] or "", markup=False, highlight=False, soft_wrap=True)
+
+
+@dead_cli.command("purge")
+@operator_errors
+def dead_purge(
+    letter_ids: Annotated[list[int] | None, typer.Argument(
+        help="Dead letters to delete", show_default=False)] = None,
+    reason: Annotated[PoisonReason | None, typer.Option(
+        help="Every dead letter refused for this reason", case_sensitive=False,
+        show_default=False)] = None,
+    older_than: Annotated[float | None, typer.Option(
+        help="Only those older than this many seconds", min=0, show_default=False)] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Every dead letter")] = False,
+) -> None:
+    """Delete dead letters once they are understood (the sagas they named are not touched)."""
+    if not (letter_ids or reason or older_than is not None or everything):
+        raise fail("name the dead letters: IDs, --reason, --older-than or --all")
+    before = None
+    if older_than is not None:
+        before = datetime.now(UTC) - timedelta(seconds=older_than)
+    purged = dead_letters.purge(
+        engine().store, ids=letter_ids or (), reason=str(reason) if reason else None,
+        before=before, everything=everything,
+    )
+    out.print(f"{purged} dead letters purged", highlight=False)
 
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True,
