@@ -93,16 +93,17 @@ def check_input_size(settings: SagaSettings, data: Any) -> None:
 # --- the step wrapper's refusals -----------------------------------------------------------
 def _letter(task: Task, reason: PoisonReason, detail: str, body: Any,
             ctx: StepContext | None = None) -> DeadLetter:
-    request = task.request
+    request = task.request  # Celery's; sagas.testing's stand-in has fewer fields
     info = getattr(request, "delivery_info", None) or {}
     try:
         text = json.dumps(body, default=repr)
     except Exception:
         text = repr(body)
     return DeadLetter(
-        reason=str(reason), detail=detail, queue=info.get("routing_key"), task=task.name,
-        task_id=request.id, saga_id=ctx.saga_id if ctx else None, step=ctx.step if ctx else None,
-        size=len(text), content_type="application/json", body=text, worker=request.hostname,
+        reason=str(reason), detail=detail, queue=info.get("routing_key"),
+        task=getattr(task, "name", None), task_id=getattr(request, "id", None),
+        saga_id=ctx.saga_id if ctx else None, step=ctx.step if ctx else None, size=len(text),
+        content_type="application/json", body=text, worker=getattr(request, "hostname", None),
     )
 
 
