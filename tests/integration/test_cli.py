@@ -78,10 +78,14 @@ def test_db_upgrade_makes_a_fresh_database_ready_to_list(tmp_path: Path, redis_s
     inspector = sqlalchemy.inspect(sqlalchemy.create_engine(env["DATABASE_URL"]))
     tables = set(inspector.get_table_names())
     assert tables == {"saga_instances", "saga_steps", "saga_events", "saga_outbox",
-                      "sagas_alembic_version"}, "only the engine's tables, none of the sample's"
+                      "saga_dead_letters", "sagas_alembic_version"}, (
+        "only the engine's tables, none of the sample's")
     listed = sagas(env, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout) == {"total": 0, "items": []}
+    dead = sagas(env, "dead", "--json")
+    assert dead.returncode == 0, dead.stderr
+    assert json.loads(dead.stdout) == {"total": 0, "counts": {}, "items": []}
 
 
 def test_show_json_is_the_saga_as_the_store_and_api_see_it(engine_backend: Backend):
