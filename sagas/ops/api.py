@@ -48,6 +48,7 @@ from sagas.errors import (
     outage_of,
 )
 from sagas.observe import metrics
+from sagas.ops.bounds import MAX_OFFSET, MAX_VERSION
 from sagas.states import SagaState
 from sagas.store.schema import SagaRow
 from sagas.store.sql import Store
@@ -57,12 +58,8 @@ log = logging.getLogger("sagas.api")
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 SAGA_ID = Path(min_length=1, max_length=64, description="The saga id (a Celery task id)")
 
-SQL_INT_MAX = 2**31 - 1
-"""The bound of every integer query parameter that reaches SQL (offsets, versions): it fits a
-32-bit INTEGER column and a BIGINT OFFSET on every database, so a larger value is a 422 naming
-the parameter instead of an ``OverflowError`` or "integer out of range" from the driver."""
-MAX_OFFSET = SQL_INT_MAX
-MAX_VERSION = SQL_INT_MAX
+# Every integer query parameter that reaches SQL is bounded (sagas.ops.bounds): a larger value
+# is a 422 naming the parameter, not an OverflowError or "integer out of range" from the driver.
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Rows to skip first")]
 Version = Annotated[
     int | None, Query(ge=1, le=MAX_VERSION, description="Only sagas on this definition version")

@@ -41,6 +41,7 @@ from sagas.errors import (
     outage_of,
 )
 from sagas.ops.audit import audit as run_audit
+from sagas.ops.bounds import MAX_OFFSET, MAX_ROW_ID, MAX_SECONDS, MAX_VERSION
 from sagas.runtime import relay as outbox
 from sagas.runtime.poison import PoisonReason
 from sagas.states import SagaState
@@ -274,9 +275,10 @@ def list_sagas(
         help="Only sagas in this state", case_sensitive=False, show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="Only sagas with this name")] = None,
     version: Annotated[int | None, typer.Option(
-        help="Only sagas running on this definition version", min=1, show_default=False)] = None,
-    limit: Annotated[int, typer.Option(help="Most sagas to list")] = 50,
-    offset: Annotated[int, typer.Option(help="Sagas to skip first")] = 0,
+        help="Only sagas running on this definition version", min=1, max=MAX_VERSION,
+        show_default=False)] = None,
+    limit: Annotated[int, typer.Option(help="Most sagas to list", min=1, max=MAX_OFFSET)] = 50,
+    offset: Annotated[int, typer.Option(help="Sagas to skip first", min=0, max=MAX_OFFSET)] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """List sagas, newest first."""
@@ -361,7 +363,8 @@ def cancel(saga_id: Annotated[str, typer.Argument(help="The saga's id")]) -> Non
 @operator_errors
 def recover(
     limit: Annotated[int | None, typer.Option(
-        help="Most sagas to re-drive (default: RECOVERY_BATCH)", show_default=False)] = None,
+        help="Most sagas to re-drive (default: RECOVERY_BATCH)", min=1, max=MAX_OFFSET,
+        show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List what would be re-driven, change nothing")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
@@ -450,7 +453,8 @@ def dead(
     reason: Annotated[PoisonReason | None, typer.Option(
         help="Only dead letters refused for this reason", case_sensitive=False,
         show_default=False)] = None,
-    limit: Annotated[int, typer.Option(help="Most dead letters to list", min=1)] = 50,
+    limit: Annotated[int, typer.Option(
+        help="Most dead letters to list", min=1, max=MAX_OFFSET)] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """List dead letters, newest first (`sagas dead show ID`, `sagas dead purge ...`)."""
@@ -491,7 +495,8 @@ def dead(
 @dead_cli.command("show")
 @operator_errors
 def dead_show(
-    letter_id: Annotated[int, typer.Argument(help="The dead letter's id", min=1)],
+    letter_id: Annotated[int, typer.Argument(
+        help="The dead letter's id", min=1, max=MAX_ROW_ID)],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """One dead letter: why, where from, its headers and the start of its body."""
@@ -517,12 +522,13 @@ def dead_show(
 @operator_errors
 def dead_purge(
     letter_ids: Annotated[list[int] | None, typer.Argument(
-        help="Dead letters to delete", show_default=False)] = None,
+        help="Dead letters to delete", min=1, max=MAX_ROW_ID, show_default=False)] = None,
     reason: Annotated[PoisonReason | None, typer.Option(
         help="Every dead letter refused for this reason", case_sensitive=False,
         show_default=False)] = None,
     older_than: Annotated[float | None, typer.Option(
-        help="Only those older than this many seconds", min=0, show_default=False)] = None,
+        help="Only those older than this many seconds", min=0, max=MAX_SECONDS,
+        show_default=False)] = None,
     everything: Annotated[bool, typer.Option("--all", help="Every dead letter")] = False,
 ) -> None:
     """Delete dead letters once they are understood (the sagas they named are not touched)."""

@@ -37,7 +37,8 @@ from sqlalchemy import func, or_, select
 from sagas.definition import Saga
 from sagas.engine import Sagas
 from sagas.errors import SagaNotFoundError, SagaStateError
-from sagas.ops.api import MAX_OFFSET, MAX_VERSION, AdminAuth
+from sagas.ops.api import AdminAuth
+from sagas.ops.bounds import MAX_OFFSET, MAX_VERSION
 from sagas.runtime.message import step_task_id
 from sagas.store.sql import _iso, sagas_t, utcnow
 

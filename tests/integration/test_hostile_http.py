@@ -25,7 +25,7 @@ from schemathesis import GenerationMode
 
 from config.settings import Settings
 from config.web import create_app
-from sagas.ops.api import MAX_OFFSET, MAX_VERSION
+from sagas.ops.bounds import MAX_OFFSET, MAX_VERSION
 from tests.conftest import Backend
 
 pytestmark = [
