@@ -2,8 +2,8 @@
 
 It assembles the engine's routes (``/sagas``, ``/healthz``, ``/dashboard``, ``/metrics``) and
 the order domain's (``/orders`` and the ledgers) behind one set of rules: bodies over
-``MAX_BODY_BYTES`` get 413, bad input 422 with field errors, an unreachable database or broker
-503, and retry/cancel need the admin token.
+``MAX_BODY_BYTES`` get 413, bad input 422 with field errors (a NUL character anywhere, an integer
+past its bound), an unreachable database or broker 503, and retry/cancel need the admin token.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sagas.ops import dashboard
 from sagas.ops.api import (
     AdminAuth,
     BodySizeLimit,
+    RefuseNul,
     install_docs,
     install_error_handlers,
     metrics_router,
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=lambda: current().max_body_bytes)
+    app.add_middleware(RefuseNul)
     app.include_router(saga_router(engine, auth))
     app.include_router(orders_router(auth))
     dashboard.install(app, engine, auth=auth)

@@ -15,12 +15,13 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.signals import worker_init, worker_ready
+from kombu.utils.imports import symbol_by_name
 
 from sagas.coordinator import Decision
 from sagas.definition import Saga
 from sagas.errors import DefinitionError
 from sagas.observe import setup as observe_setup
-from sagas.runtime import worker
+from sagas.runtime import consumer, poison, worker
 from sagas.runtime.binding import Binding, bind, binding_of
 from sagas.runtime.dispatch import (
     RECOVER_TASK,
@@ -239,6 +240,10 @@ class Sagas:
             log.critical("worker refused to start: %s", exc)
             raise SystemExit(1) from exc
         _quiet_reconciler_logs()
+        # Poison (undecodable, unknown task, too large, ...) is dead-lettered, not just dropped.
+        if hasattr(sender, "consumer_cls"):
+            sender.consumer_cls = consumer.poison_aware(
+                symbol_by_name(sender.consumer_cls))  # type: ignore[no-untyped-call]
         # Every other task of the app too: a step of a version this worker does not register
         # (renamed since) must reach the coordinator's refusal, not run as a plain task.
         registry: Any = self.app.tasks  # type: ignore[union-attr]
@@ -280,10 +285,13 @@ class Sagas:
     ) -> SagaHandle:
         """Record a new saga and publish its first steps; a duplicate start returns the first.
 
-        Raises ``InvalidSagaInputError`` for input its model refuses, ``IdempotencyConflictError``
-        for a key reused with another payload, ``StoreUnavailableError`` when the store is down.
+        Raises ``InvalidSagaInputError`` for input its model refuses (or larger as JSON than
+        ``SAGAS_MAX_MESSAGE_BYTES``: its step messages would be refused),
+        ``IdempotencyConflictError`` for a key reused with another payload,
+        ``StoreUnavailableError`` when the store is down.
         """
         self._prepare()
+        poison.check_input_size(self._binding.settings, data)
         started = start_saga(
             self._binding, saga, data, saga_id=saga_id, idempotency_key=idempotency_key,
             version=version,

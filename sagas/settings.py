@@ -40,6 +40,11 @@ class SagaSettings(BaseSettings):
         500, gt=0, description="Most sagas one reconciler run re-drives (oldest deadline first)"
     )
 
+    sagas_max_message_bytes: int = Field(
+        1024 * 1024, ge=0, description="A worker refuses (dead-letters) a task message whose "
+        "body is larger, and a step result larger as JSON is not stored (bytes; 0: no limit)",
+    )
+
     # --- observability -------------------------------------------------------------------------
     sagas_listeners: str = Field(
         "metrics", description="Comma-separated built-ins (metrics, json_log, tracing) or "

@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import JSON, DateTime, String, Table, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
@@ -24,7 +24,7 @@ from sqlalchemy.sql import Select
 
 from config import engine
 from sagas import SagaOutcome, SagaState
-from sagas.ops.api import AdminAuth, Problem
+from sagas.ops.api import AdminAuth, Offset, Problem
 from tasks.db import transaction
 from tasks.models import Charge, DomainBase, Refund, Reservation, Shipment, Stock
 from tasks.order_saga import OrderInput, start_order_saga
@@ -59,6 +59,14 @@ class OrderRequest(OrderInput):
     """The order as a client sends it: strict types, so ``"2"`` or ``true`` is not a number."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @field_validator("customer_id", "item")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        # PostgreSQL text cannot hold NUL: refused here (422 naming the field), not a 500.
+        if "\x00" in value:
+            raise ValueError("NUL characters are not allowed")
+        return value
 
 
 class OrderOut(BaseModel):
@@ -134,7 +142,6 @@ class PaymentsOut(BaseModel):
 
 # --- helpers -------------------------------------------------------------------
 Limit = Annotated[int, Query(ge=1, le=500)]
-Offset = Annotated[int, Query(ge=0)]
 SagaFilter = Annotated[str | None, Query(max_length=64, description="Only this saga's rows")]
 
 def _orders_query() -> Select[Any]:
@@ -200,6 +207,22 @@ def _replay(existing: Any, digest: str, payload: dict[str, Any], key: str,
     return _order_out(existing, saga)
 
 
+# What a client does next with an accepted order (OpenAPI links: Schemathesis's stateful runs
+# follow them from POST /orders to the order, its saga, and the saga's retry and cancel).
+def _link(path: str, method: str, parameter: str, field: str) -> dict[str, Any]:
+    ref = path.replace("~", "~0").replace("/", "~1")
+    return {"operationRef": f"#/paths/{ref}/{method}",
+            "parameters": {parameter: f"$response.body#/{field}"}}
+
+
+ORDER_LINKS = {
+    "GetOrder": _link("/orders/{order_id}", "get", "order_id", "id"),
+    "GetSaga": _link("/sagas/{saga_id}", "get", "saga_id", "saga_id"),
+    "RetrySaga": _link("/sagas/{saga_id}/retry", "post", "saga_id", "saga_id"),
+    "CancelSaga": _link("/sagas/{saga_id}/cancel", "post", "saga_id", "saga_id"),
+}
+
+
 # --- the router ----------------------------------------------------------------
 def orders_router(auth: AdminAuth) -> APIRouter:
     """Orders and the participants' read-only ledgers."""
@@ -212,7 +235,9 @@ def orders_router(auth: AdminAuth) -> APIRouter:
     @router.post(
         "/orders", response_model=OrderOut, status_code=status.HTTP_202_ACCEPTED,
         tags=["orders"],
-        responses={409: {"model": Problem, "description": "Idempotency-Key reused"},
+        responses={202: {"description": "Accepted; the saga runs on the workers",
+                         "links": ORDER_LINKS},
+                   409: {"model": Problem, "description": "Idempotency-Key reused"},
                    413: {"model": Problem}, 503: {"model": Problem}},
     )
     def create_order(

@@ -31,6 +31,7 @@ from celery.signals import (
     task_retry,
     worker_process_init,
 )
+from pydantic import ValidationError
 
 from sagas.runtime.message import StepContext
 
@@ -67,6 +68,16 @@ class RefusedEvent:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class MessageRefused:
+    """A message a worker refused as poison (dead-lettered), and why (a ``PoisonReason``)."""
+
+    reason: str
+    queue: str | None
+    task: str | None
+    dead_letter_id: int | None  # None when the store could not keep it
+
+
 @dataclass(slots=True)
 class StepAttempt:
     """One run of a step's action or compensation in this worker process."""
@@ -100,6 +111,9 @@ class SagaListener:
 
     def on_event_refused(self, event: RefusedEvent) -> None:
         """This process refused to decide an event (it lacks the version): nothing changed."""
+
+    def on_message_refused(self, event: MessageRefused) -> None:
+        """A worker refused a message as poison and dead-lettered it (``sagas dead``)."""
 
     def before_attempt(self, attempt: StepAttempt) -> None:
         """In the worker, just before a step's action or compensation runs."""
@@ -266,6 +280,13 @@ def refused_event(saga_id: str, saga: str, version: int, reason: str) -> None:
         _call(listener, "on_event_refused", event)
 
 
+def message_refused(event: MessageRefused) -> None:
+    """Tell listeners that a worker refused a poison message; never raises."""
+    listeners = _active if _active is not None else configure()
+    for listener in listeners:
+        _call(listener, "on_message_refused", event)
+
+
 def _events(
     snap: Any, decision: Any, event: Any, saga_started_at: datetime | None
 ) -> list[TransitionEvent]:
@@ -301,7 +322,10 @@ def _events(
 
 def _on_prerun(sender: Any = None, task_id: str = "", task: Any = None, args: Any = None,
                **_: Any) -> None:
-    ctx = StepContext.from_args(args)
+    try:
+        ctx = StepContext.from_args(args)
+    except ValidationError:
+        return  # a malformed step message: the step wrapper refuses it (sagas.runtime.poison)
     if ctx is None or task is None:
         return
     retries = int(getattr(task.request, "retries", 0) or 0)

@@ -28,7 +28,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from sagas.observe.listeners import RefusedEvent, SagaListener, StepAttempt, TransitionEvent
+from sagas.observe.listeners import (
+    MessageRefused,
+    RefusedEvent,
+    SagaListener,
+    StepAttempt,
+    TransitionEvent,
+)
 from sagas.store.sql import Store, sagas_t
 
 log = logging.getLogger("sagas.metrics")
@@ -55,6 +61,11 @@ EVENTS_REFUSED = Counter(
     "Events a process would not decide (it lacks the instance's saga version), by reason",
     ["saga", "version", "reason"],
 )
+POISON_MESSAGES = Counter(
+    "sagas_poison_messages_total",
+    "Messages a worker refused as poison and dead-lettered (see `sagas dead`), by reason",
+    ["reason"],
+)
 RECOVERIES = Counter(
     "saga_recoveries_total",
     "Work re-driven by the reconciler: a stalled step re-published, or an unstarted saga started",
@@ -78,6 +89,9 @@ class MetricsListener(SagaListener):
 
     def on_event_refused(self, event: RefusedEvent) -> None:
         EVENTS_REFUSED.labels(event.saga, str(event.version), event.reason).inc()
+
+    def on_message_refused(self, event: MessageRefused) -> None:
+        POISON_MESSAGES.labels(event.reason).inc()
 
     def on_saga_transition(self, event: TransitionEvent) -> None:
         if event.to_state == "RUNNING" and event.from_state == "PENDING":

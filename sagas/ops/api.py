@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from fastapi import (
     APIRouter,
@@ -47,6 +48,7 @@ from sagas.errors import (
     outage_of,
 )
 from sagas.observe import metrics
+from sagas.ops.bounds import MAX_OFFSET, MAX_VERSION
 from sagas.states import SagaState
 from sagas.store.schema import SagaRow
 from sagas.store.sql import Store
@@ -55,6 +57,13 @@ log = logging.getLogger("sagas.api")
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 SAGA_ID = Path(min_length=1, max_length=64, description="The saga id (a Celery task id)")
+
+# Every integer query parameter that reaches SQL is bounded (sagas.ops.bounds): a larger value
+# is a 422 naming the parameter, not an OverflowError or "integer out of range" from the driver.
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Rows to skip first")]
+Version = Annotated[
+    int | None, Query(ge=1, le=MAX_VERSION, description="Only sagas on this definition version")
+]
 
 
 # --- response models ---------------------------------------------------------
@@ -252,9 +261,9 @@ def saga_router(engine: Sagas, auth: AdminAuth) -> APIRouter:
     def list_sagas(
         state: Annotated[SagaState | None, Query(description="Only sagas in this state")] = None,
         name: Annotated[str | None, Query(max_length=100, description="Saga name")] = None,
-        version: Annotated[int | None, Query(ge=1, description="Definition version")] = None,
+        version: Version = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
     ) -> SagaPage:
         """Sagas, newest first."""
         rows, total = engine.store.list_sagas(
@@ -415,6 +424,46 @@ class BodySizeLimit:
     async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
         response = _problem(413, f"request body over {limit} bytes")
         await response(scope, receive, send)
+
+
+class RefuseNul:
+    """Refuse a NUL character in the path, a query parameter or a header with a 422 naming it.
+
+    PostgreSQL cannot store or even compare text holding NUL (the driver raises before the
+    query is sent), so without this any id or filter carrying ``%00`` would be a 500. One check
+    in front of every route, the dashboard's pages included, instead of one per parameter.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            where = _nul_in(scope)
+            if where is not None:
+                response = JSONResponse({"detail": [FieldError(
+                    loc=list(where), field=where[1], msg="NUL characters are not allowed",
+                    type="string_nul",
+                ).model_dump()]}, status_code=422)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _nul_in(scope: Scope) -> tuple[str, str] | None:
+    """``(part, name)`` of the first NUL character in the request's path, query or headers."""
+    if "\x00" in scope.get("path", ""):
+        return ("path", "path")
+    query: bytes = scope.get("query_string", b"")
+    if b"%00" in query or b"\x00" in query:
+        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+            if "\x00" in name or "\x00" in value:
+                return ("query", name.replace("\x00", "\\x00"))
+        return ("query", "query")
+    for name, value in scope.get("headers") or ():
+        if b"\x00" in value:
+            return ("header", name.decode("latin-1"))
+    return None
 
 
 # --- metrics -----------------------------------------------------------------

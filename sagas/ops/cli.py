@@ -20,6 +20,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -43,8 +44,11 @@ from sagas.errors import (
     outage_of,
 )
 from sagas.ops.audit import audit as run_audit
+from sagas.ops.bounds import MAX_OFFSET, MAX_ROW_ID, MAX_SECONDS, MAX_VERSION
 from sagas.runtime import relay as outbox
+from sagas.runtime.poison import PoisonReason
 from sagas.states import SagaState
+from sagas.store import dead_letters
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -113,8 +117,13 @@ def _typer(help: str, **kwargs: Any) -> typer.Typer:
 cli = _typer("Run and operate task-graph sagas on Celery.", name="sagas")
 db_cli = _typer("The saga store's schema.")
 outbox_cli = _typer("The outbox of saga lifecycle events.")
+dead_cli = typer.Typer(
+    cls=Group, help="Dead letters: messages workers refused as poison.",
+    invoke_without_command=True, add_completion=False, pretty_exceptions_enable=False,
+)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(outbox_cli, name="outbox")
+cli.add_typer(dead_cli, name="dead")
 
 
 def command(app: typer.Typer, name: str, **kwargs: Any) -> Callable[[F], F]:
@@ -285,12 +294,33 @@ def _saga_state(value: str | None) -> str | None:
 
 
 def _at_least(floor: int) -> Callable[[int | None], int | None]:
+    return _within(floor)
+
+
+def _within(
+    floor: float, ceiling: float | None = None
+) -> Callable[[Any], Any]:
     """A bound checked by the command (Typer would print ``[x>=1]`` in the help)."""
 
-    def check(value: int | None) -> int | None:
-        if value is not None and value < floor:
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        if value < floor:
             raise typer.BadParameter(f"{value} is less than {floor}")
+        if ceiling is not None and value > ceiling:
+            raise typer.BadParameter(f"{value} is more than {ceiling}")
         return value
+
+    return check
+
+
+def _each_within(floor: int, ceiling: int) -> Callable[[Any], Any]:
+    one = _within(floor, ceiling)
+
+    def check(values: Any) -> Any:
+        for value in values or ():
+            one(value)
+        return values
 
     return check
 
@@ -382,11 +412,13 @@ def list_sagas(
     name: Annotated[str | None, typer.Option(
         metavar="NAME", help="Only sagas with this name", show_default=False)] = None,
     version: Annotated[int | None, typer.Option(
-        metavar="N", callback=_at_least(1), show_default=False,
+        metavar="N", callback=_within(1, MAX_VERSION), show_default=False,
         help="Only sagas started on this version of their definition")] = None,
-    limit: Annotated[int, typer.Option(metavar="N", help="Most sagas to list")] = 50,
+    limit: Annotated[int, typer.Option(
+        metavar="N", callback=_within(1, MAX_OFFSET), help="Most sagas to list")] = 50,
     offset: Annotated[int, typer.Option(
-        metavar="N", help="Sagas to skip first (the next page)")] = 0,
+        metavar="N", callback=_within(0, MAX_OFFSET),
+        help="Sagas to skip first (the next page)")] = 0,
     as_json: AsJson = False,
 ) -> None:
     """List sagas, newest first; whole ids and states at any width."""
@@ -469,7 +501,7 @@ def cancel(saga_id: SagaId) -> None:
 @operator_errors
 def recover(
     limit: Annotated[int | None, typer.Option(
-        metavar="N", show_default=False,
+        metavar="N", callback=_within(1, MAX_OFFSET), show_default=False,
         help="Most sagas to re-drive (default: the RECOVERY_BATCH setting, 500)")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List what would be re-driven, change nothing")] = False,
@@ -553,6 +585,106 @@ def outbox_stats(as_json: AsJson = False) -> None:
     out.print(f"position {stats.position} of {stats.newest}", highlight=False)
     out.print(f"pending  {stats.pending} log rows", highlight=False)
     out.print(f"lease    {lease}", highlight=False, soft_wrap=True)
+
+
+@dead_cli.callback()
+@operator_errors
+def dead(
+    ctx: typer.Context,
+    reason: Annotated[PoisonReason | None, typer.Option(
+        metavar="REASON", case_sensitive=False, show_default=False,
+        help="Only dead letters refused for this reason: "
+        + ", ".join(r.value for r in PoisonReason))] = None,
+    limit: Annotated[int, typer.Option(
+        metavar="N", callback=_within(1, MAX_OFFSET), help="Most dead letters to list")] = 50,
+    as_json: AsJson = False,
+) -> None:
+    """List dead letters, newest first (`sagas dead show ID`, `sagas dead purge ...`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    store = engine().store
+    rows, total = dead_letters.list_dead(
+        store, reason=str(reason) if reason else None, limit=limit)
+    if as_json:
+        print_json({"total": total, "counts": dead_letters.counts(store), "items": rows})
+        return
+    # Ids and reasons are never cut (an id is what `show` and `purge` take); the rest folds.
+    # Below 100 columns (or piped at 80) the time gives way: `show` and --json have it.
+    wide = out.width >= 100
+    table = Table(title=f"{total} dead letters", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("id", no_wrap=True, justify="right")
+    if wide:
+        table.add_column("at (UTC)", no_wrap=True)
+    table.add_column("reason", no_wrap=True)
+    table.add_column("queue", overflow="fold")
+    table.add_column("task", overflow="fold")
+    table.add_column("detail", overflow="fold", ratio=1)
+    for r in rows:
+        cells = [str(r["id"])]
+        if wide:
+            cells.append(_short_time(r["at"]))
+        detail = r["detail"]
+        if r["saga_id"] and detail.startswith(f"saga {r['saga_id']}: "):
+            detail = detail[len(r["saga_id"]) + 7:]  # the saga id is in `show` and --json
+        cells += [r["reason"], r["queue"] or "", r["task"] or "", detail]
+        table.add_row(*cells)
+    out.print(table, markup=False, highlight=False)
+    if total:
+        out.print("sagas dead show ID: one in full; sagas dead purge ID... | --reason R | --all",
+                  markup=False, highlight=False, soft_wrap=True)
+
+
+@command(dead_cli, "show")
+@operator_errors
+def dead_show(
+    letter_id: Annotated[int, typer.Argument(
+        metavar="ID", callback=_within(1, MAX_ROW_ID), help="The dead letter's id")],
+    as_json: AsJson = False,
+) -> None:
+    """One dead letter: why, where from, its headers and the start of its body."""
+    letter = dead_letters.get_dead(engine().store, letter_id)
+    if letter is None:
+        raise fail(f"no dead letter {letter_id}", EXIT_NOT_FOUND)
+    if as_json:
+        print_json(letter)
+        return
+    for key in ("id", "at", "reason", "detail", "queue", "task", "task_id", "saga_id", "step",
+                "size", "content_type", "worker"):
+        if letter[key] is not None:
+            out.print(f"{key}: {letter[key]}", markup=False, highlight=False, soft_wrap=True)
+    out.print("headers: " + json.dumps(letter["headers"], default=str), markup=False,
+              highlight=False, soft_wrap=True)
+    kept = len(letter["body"] or "")
+    cut = f", the first {kept} characters" if kept < letter["size"] else ""
+    out.print(f"body{cut}:", markup=False, highlight=False)
+    out.print(letter["body"] or "", markup=False, highlight=False, soft_wrap=True)
+
+
+@command(dead_cli, "purge")
+@operator_errors
+def dead_purge(
+    letter_ids: Annotated[list[int] | None, typer.Argument(
+        metavar="ID", callback=_each_within(1, MAX_ROW_ID), show_default=False,
+        help="Dead letters to delete")] = None,
+    reason: Annotated[PoisonReason | None, typer.Option(
+        metavar="REASON", case_sensitive=False, show_default=False,
+        help="Every dead letter refused for this reason")] = None,
+    older_than: Annotated[float | None, typer.Option(
+        metavar="SECONDS", callback=_within(0, MAX_SECONDS), show_default=False,
+        help="Only those older than this many seconds")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Every dead letter")] = False,
+) -> None:
+    """Delete dead letters once they are understood (the sagas they named are not touched)."""
+    if not (letter_ids or reason or older_than is not None or everything):
+        raise fail("name the dead letters: IDs, --reason, --older-than or --all")
+    before = None
+    if older_than is not None:
+        before = datetime.now(UTC) - timedelta(seconds=older_than)
+    purged = dead_letters.purge(
+        engine().store, ids=letter_ids or (), reason=str(reason) if reason else None,
+        before=before, everything=everything,
+    )
+    out.print(f"{purged} dead letters purged", highlight=False)
 
 
 def _checkout_module(name: str) -> Any:

@@ -38,6 +38,7 @@ from sagas.definition import Saga
 from sagas.engine import Sagas
 from sagas.errors import SagaNotFoundError, SagaStateError
 from sagas.ops.api import AdminAuth
+from sagas.ops.bounds import MAX_OFFSET, MAX_VERSION
 from sagas.runtime.message import step_task_id
 from sagas.store.sql import _iso, sagas_t, utcnow
 
@@ -132,10 +133,11 @@ def api_sagas(
     state: str | None = Query(None, description="only sagas in this state"),
     name: str | None = Query(None, max_length=100, description="only sagas of this definition"),
     stalled: bool = Query(False, description="only live sagas past their stall deadline"),
-    version: int | None = Query(None, ge=1, description="only sagas on this definition version"),
+    version: int | None = Query(None, ge=1, le=MAX_VERSION,
+                                description="only sagas on this definition version"),
     q: str | None = Query(None, max_length=64, description="saga id or its beginning"),
     limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> dict[str, Any]:
     """Sagas newest first with age and duration, counts per state (over all sagas), names."""
     engine = _engine(request)

@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
+from pydantic import ValidationError
 
 from sagas.coordinator import (
     ACTION,
@@ -31,7 +32,7 @@ from sagas.errors import (
     StepOutcomeUnknown,
     StoreUnavailableError,
 )
-from sagas.observe.listeners import refused_event
+from sagas.runtime import poison
 from sagas.runtime.binding import Binding, binding_of
 from sagas.runtime.dispatch import (
     INLINE_MARK,
@@ -63,7 +64,10 @@ class StepTaskMixin:
     """Runs a call that carries a step message as a saga step; any other call as usual."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        ctx = StepContext.from_args(args, kwargs)
+        try:
+            ctx = StepContext.from_args(args, kwargs)
+        except ValidationError as exc:
+            poison.refuse_malformed_step(self, args, exc)
         if ctx is None:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
         return _run_step(self, ctx, args)
@@ -119,17 +123,9 @@ def _binding(task: Task) -> Binding:
 def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
     binding = _binding(task)
     saga = binding.find(ctx.saga, ctx.version)
-    if saga is None and ctx.saga in binding.versions:
-        # The saga is ours but not this version (the code moved on): run nothing, change
-        # nothing; a worker that has the version, or recovery re-driving there, takes it.
-        reason = IgnoreKind.UNKNOWN_VERSION
-        log.warning(
-            "saga %s: step %s (%s) not run: this worker has no version %d of saga %r; a worker "
-            "that registers it (or recovery) takes the saga over", ctx.saga_id, ctx.step,
-            ctx.phase, ctx.version, ctx.saga,
-        )
-        refused_event(ctx.saga_id, ctx.saga, ctx.version, reason)
-        raise Ignore()
+    if saga is None or ctx.step not in saga.steps:
+        # An unknown version, saga or step: refused (dead-lettered) before anything runs.
+        poison.refuse_unknown_step(binding, task, ctx, saga)
     step = saga.steps.get(ctx.step) if saga else None
     saga_id, phase = ctx.saga_id, ctx.phase
     attempt = ctx.attempt + int(task.request.retries or 0)
@@ -177,7 +173,7 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
                 # have struck after the commit, so the failure handler compensates this step.
                 raise StepOutcomeUnknown(describe(exc)) from exc
         raise
-    result = normalize_result(result)
+    result = poison.storable_result(binding, task, ctx, step, normalize_result(result))
     if not ctx.inline:
         return result
     if saga is not None:

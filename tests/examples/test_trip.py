@@ -8,7 +8,9 @@ Redis and a temporary SQLite store; this process imports ``tripapp`` too and sta
 
 from __future__ import annotations
 
+import collections
 import json
+import socket
 import sys
 import threading
 import urllib.error
@@ -21,6 +23,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sagas.observe import listeners
 from tests.examples.procs import (
@@ -269,6 +273,120 @@ def test_a_start_from_the_web_handler_thread_waits_to_completed(
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- hostile requests to the web handler ---------------------------------------------------------
+# The handler is ``http.server``, with no OpenAPI schema for Schemathesis to read: hypothesis
+# writes the requests instead, as raw bytes on a socket (so nothing a client library would refuse
+# to send is out of reach), and every one must get an HTTP answer below 500.
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                  max_size=4),
+    max_leaves=12,
+)
+_HOSTILE_VALUE = (st.none() | st.integers() | st.text(max_size=40) | st.floats()
+                  | st.just("\u0000") | st.just("9" * 400) | st.just(10**30) | _JSON)
+
+
+@st.composite
+def _hostile_body(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["trip", "mutated", "json", "bytes", "deep", "empty"]))
+    if kind == "trip":
+        return json.dumps(trip_input(traveller=draw(st.text(min_size=1, max_size=20)))).encode()
+    if kind == "mutated":
+        data: dict[str, Any] = trip_input()
+        field = draw(st.sampled_from([*data, "extra"]))
+        data[field] = draw(_HOSTILE_VALUE)
+        return json.dumps(data, allow_nan=True).encode()
+    if kind == "json":
+        return json.dumps(draw(_JSON), allow_nan=True).encode()
+    if kind == "deep":
+        depth = draw(st.integers(500, 100_000))
+        return b"[" * depth + b"]" * depth
+    if kind == "bytes":
+        return draw(st.binary(max_size=200))
+    return b""
+
+
+_NO_SPACE = st.characters(codec="latin-1").filter(lambda c: not c.isspace())
+_PATHS = st.one_of(
+    st.just("/trips"), st.just("/trips/"),
+    st.builds(lambda s: "/trips/" + s, st.text(_NO_SPACE, max_size=80)),
+    st.builds(lambda s: "/trips/" + s, st.sampled_from(["%00", "a" * 5000, "..%2f..", "?x=1"])),
+    st.text(_NO_SPACE, max_size=40),
+)
+# "\xb2" is "²", a digit to str.isdigit and not to int().
+_LENGTHS = st.one_of(st.just("match"), st.just(None), st.sampled_from(
+    ["-1", "abc", "1e3", " 12", "99999999999999999999", "0", "65537", "0x10", "\xb2"]))
+
+
+@st.composite
+def _hostile_request(draw: st.DrawFn) -> bytes:
+    """A raw request; it carries body bytes only where the handler reads them.
+
+    A server that answers without reading what was sent closes on unread data, and the TCP
+    reset that follows can destroy its answer in flight: that would test the kernel, not us.
+    """
+    method = draw(st.sampled_from(["GET", "POST", "POST", "POST", "PUT", "DELETE", "PATCH"]))
+    path = draw(_PATHS) or "/"
+    body = draw(_hostile_body())
+    length = draw(_LENGTHS)
+    if length == "match":
+        length = str(len(body))
+    read = method == "POST" and path.rstrip("/") == "/trips" and length is not None and (
+        length.strip().isascii() and length.strip().isdigit() and int(length) <= 64 * 1024)
+    if read and length is not None:
+        body = body[:int(length)]
+        length = length if int(length) == len(body) else str(len(body))
+    else:
+        body = b""
+    headers = ["Host: 127.0.0.1", "Content-Type: application/json"]
+    if length is not None:
+        headers.append(f"Content-Length: {length}")
+    key = draw(st.none() | st.text(
+        st.characters(codec="latin-1", exclude_characters="\r\n"), max_size=300))
+    if key is not None:
+        headers.append(f"Idempotency-Key: {key}")
+    head = f"{method} {path} HTTP/1.1\r\n" + "\r\n".join(headers) + "\r\n\r\n"
+    return head.encode("latin-1") + body
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as conn:
+        conn.sendall(request)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_hostile_requests_to_the_web_handler_get_no_server_error(trip: Trip) -> None:
+    server = trip.web.make_server(port=0)
+    serving = threading.Thread(target=server.serve_forever, name="http-hostile", daemon=True)
+    serving.start()
+    port = server.server_address[1]
+    seen: collections.Counter[int] = collections.Counter()
+
+    @settings(max_examples=250, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(request=_hostile_request())
+    def one(request: bytes) -> None:
+        answer = _exchange(port, request)
+        status = answer.split(b"\r\n", 1)[0].split(b" ")
+        assert len(status) >= 2 and status[0].startswith(b"HTTP/1."), (
+            f"no HTTP answer to {request[:300]!r}: {answer[:200]!r}")
+        code = int(status[1])
+        seen[code] += 1
+        assert code < 500, f"{code} for {request[:300]!r}: {answer[:300]!r}"
+
+    try:
+        one()
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The generated requests reached the handler's own answers, not only the parser's 400s.
+    assert {202, 404, 422} <= set(seen), seen
 
 
 def test_the_cli_shows_audits_and_refuses_to_undo_a_completed_trip(

@@ -78,11 +78,22 @@ def test_db_upgrade_makes_a_fresh_database_ready_to_list(tmp_path: Path, redis_s
 
     inspector = sqlalchemy.inspect(sqlalchemy.create_engine(env["DATABASE_URL"]))
     tables = set(inspector.get_table_names())
-    assert tables == {"saga_instances", "saga_log", "saga_relay_cursor",
+    assert tables == {"saga_instances", "saga_log", "saga_relay_cursor", "saga_dead_letters",
                       "sagas_alembic_version"}, "only the engine's tables, none of the sample's"
     listed = sagas(env, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout) == {"total": 0, "items": []}
+    dead = sagas(env, "dead", "--json")
+    assert dead.returncode == 0, dead.stderr
+    assert json.loads(dead.stdout) == {"total": 0, "counts": {}, "items": []}
+    # An integer past what the store takes is a usage error naming the option, no traceback.
+    for args, option in ((("list", "--offset", "9223372036854775808"), "--offset"),
+                         (("list", "--version", "2147483648"), "--version"),
+                         (("dead", "show", "9223372036854775808"), "letter_id"),
+                         (("dead", "purge", "--older-than", "1e300"), "--older-than")):
+        refused = sagas(env, *args)
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert option in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
 
 
 def test_show_json_is_the_saga_as_the_store_and_api_see_it(engine_backend: Backend):

@@ -191,7 +191,7 @@ def _publish_raw(other: Celery, body: bytes, content_type: str, headers: dict[st
         )
 
 
-def test_undecodable_and_unknown_messages_are_dropped_with_a_reason_and_the_worker_serves_on(
+def test_undecodable_and_unknown_messages_are_dead_lettered_with_a_reason_and_the_worker_serves_on(
     cluster: Cluster,
 ):
     other = foreign_app(cluster)
@@ -210,8 +210,9 @@ def test_undecodable_and_unknown_messages_are_dropped_with_a_reason_and_the_work
     assert cluster.wait_for(saga_id, timeout=60)["state"] == "COMPLETED"
     deadline = time.monotonic() + 10
     log = ""
-    reasons = ("untrusted content of type pickle", "Can't decode message body",
-               "unregistered task of type 'no.such.task'")
+    reasons = ("poison message refused (undecodable): content type refused (accept_content)",
+               "poison message refused (undecodable): cannot decode the body",
+               "poison message refused (unknown_task): task 'no.such.task' is not registered")
     while time.monotonic() < deadline:
         log = cluster.logs()
         if all(r in log for r in reasons):
@@ -222,5 +223,5 @@ def test_undecodable_and_unknown_messages_are_dropped_with_a_reason_and_the_work
     import redis
 
     client = redis.Redis.from_url(cluster.redis.url)
-    assert client.llen("saga") == 0, "dropped, not left to block the queue"
+    assert client.llen("saga") == 0, "dead-lettered, not left to block the queue"
     assert cluster.workers["w"].process is not None and cluster.workers["w"].process.poll() is None

@@ -3,7 +3,8 @@
 Every step runs ``testsvc.act`` and compensates with ``testsvc.undo``; what each call does is
 planned in the saga input under ``plan.<step>``: ``fail`` (a business failure), ``transient``
 (fail that many calls, then succeed), ``sleep`` seconds, ``undo_fail`` (the compensation always
-fails). Each call is counted and logged in Redis so tests can assert effects and their order.
+fails), ``unserializable`` (the action succeeds but returns a set, which JSON cannot hold).
+Each call is counted and logged in Redis so tests can assert effects and their order.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def act(ctx: dict[str, Any]) -> dict[str, Any]:
         raise BusinessError(f"planned failure of {ctx['step']}")
     if calls <= int(plan.get("transient", 0)):
         raise TransientError(f"planned transient failure {calls} of {ctx['step']}")
+    if plan.get("unserializable"):
+        return {"step": ctx["step"], "ids": {1, 2}}
     return {"step": ctx["step"], "calls": calls, "started": started, "ended": time.time(),
             "seen": sorted(ctx["results"])}
 

@@ -23,20 +23,31 @@ from sagas import (
 from tripapp import engine, trip
 
 MAX_BODY = 64 * 1024
+MAX_KEY = 200  # the store's idempotency key column
 
 
 class TripHandler(BaseHTTPRequestHandler):
+    timeout = 30  # seconds a client may take to send its request (a body shorter than declared)
+
     def do_POST(self) -> None:
         if self.path.rstrip("/") != "/trips":
             return self.reply(HTTPStatus.NOT_FOUND, {"error": "not found"})
-        length = int(self.headers.get("Content-Length") or 0)
+        declared = (self.headers.get("Content-Length") or "0").strip()
+        if not declared.isascii() or not declared.isdigit():
+            return self.reply(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
+        length = int(declared)
         if length > MAX_BODY:
             return self.reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
+        key = self.headers.get("Idempotency-Key")
+        if key is not None and not 0 < len(key) <= MAX_KEY:
+            return self.reply(HTTPStatus.BAD_REQUEST,
+                              {"error": f"Idempotency-Key must be 1 to {MAX_KEY} characters"})
         try:
             data = json.loads(self.rfile.read(length) or b"null")
-            handle = engine.start(trip, data, idempotency_key=self.headers.get("Idempotency-Key"))
-        except (ValueError, InvalidSagaInputError) as exc:
-            return self.reply(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(exc)})
+            handle = engine.start(trip, data, idempotency_key=key)
+        except (ValueError, RecursionError, InvalidSagaInputError) as exc:
+            # Not JSON, not UTF-8, nested past the parser's depth, or refused by TripRequest.
+            return self.reply(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(exc) or "invalid"})
         except IdempotencyConflictError as exc:
             return self.reply(HTTPStatus.CONFLICT, {"error": str(exc)})
         except StoreUnavailableError as exc:
@@ -58,14 +69,23 @@ class TripHandler(BaseHTTPRequestHandler):
             "steps": {name: s.state for name, s in outcome.steps.items()},
         })
 
-    def reply(self, status: HTTPStatus, body: dict[str, Any], location: str | None = None
-              ) -> None:
+    def do_other(self) -> None:
+        """Any other method: 405 naming the two it takes (http.server's default is a 501)."""
+        self.reply(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} not allowed"},
+                   allow="GET, POST")
+
+    do_PUT = do_DELETE = do_PATCH = do_other  # noqa: N815 - http.server's method names
+
+    def reply(self, status: HTTPStatus, body: dict[str, Any], location: str | None = None,
+              allow: str | None = None) -> None:
         payload = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         if location:
             self.send_header("Location", location)
+        if allow:
+            self.send_header("Allow", allow)
         self.end_headers()
         self.wfile.write(payload)
 
