@@ -163,12 +163,26 @@ def _on_statement(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
     _SLOT.pack_into(m, 0, _counter["stmts"], _counter["commits"], _counter["rows"])
 
 
+def rows_written(statement: str, rowcount: int) -> int:
+    """Rows a statement wrote: the driver's rowcount for a plain INSERT, UPDATE or DELETE; for
+    a ``WITH`` statement whose parts each write one row per row it returns (the engine's
+    one-statement start and completion on PostgreSQL), rowcount times its writing parts."""
+    head = statement.lstrip()[:6].upper()
+    if head in ("INSERT", "UPDATE", "DELETE"):
+        return max(rowcount, 0)
+    if head.startswith("WITH"):
+        text = statement.upper()
+        return max(rowcount, 0) * (text.count("INSERT INTO") + text.count("UPDATE "))
+    return 0
+
+
 def _on_executed(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-    """Rows a write statement inserted, updated or deleted (the driver's rowcount)."""
-    if statement[:6].upper() not in ("INSERT", "UPDATE", "DELETE"):
+    """Rows a write statement inserted, updated or deleted."""
+    written = rows_written(statement, int(cursor.rowcount or 0))
+    if not written:
         return
     m = _stats_map()
-    _counter["rows"] += max(int(cursor.rowcount or 0), 0)
+    _counter["rows"] += written
     _SLOT.pack_into(m, 0, _counter["stmts"], _counter["commits"], _counter["rows"])
 
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     url = args.database_url or f"sqlite:///{tempfile.mkdtemp()}/micro.db"
     os.environ.setdefault("SAGAS_LISTENERS", "metrics")
 
-    from bench.app import bench_saga, engine, point_at
+    from bench.app import bench_saga, engine, point_at, rows_written
 
     point_at(engine.settings.redis_url, url)
     engine.upgrade_schema()
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             counts["stmts"] += 1
 
     def on_done(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-        if statement[:6].upper() in ("INSERT", "UPDATE", "DELETE"):
-            counts["rows"] += max(int(cursor.rowcount or 0), 0)
+        counts["rows"] += rows_written(statement, int(cursor.rowcount or 0))
 
     def on_commit(conn: Any) -> None:
         counts["commits"] += 1

@@ -147,6 +147,7 @@ class Snapshot:
     sql: tuple[int, int, int]
     client_sql: tuple[int, int, int]
     db_ticks: dict[int, int] = field(default_factory=dict)
+    wal: int | None = None
 
 
 @dataclass
@@ -176,6 +177,18 @@ class Env:
             )]
         return {pid: proc_cpu_ticks(pid) for pid in pids}
 
+    def wal_bytes(self) -> int | None:
+        """PostgreSQL's WAL position in bytes (cluster-wide: read it on a quiet server)."""
+        if not self.database_url.startswith("postgresql"):
+            return None
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database_url).set(drivername="postgresql")
+        with psycopg.connect(url.render_as_string(hide_password=False)) as conn:
+            row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')").fetchone()
+        return int(row[0]) if row else None
+
     def commandstat(self, name: str) -> int:
         stats = self.redis.info("commandstats")
         return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
@@ -202,7 +215,7 @@ class Env:
         return Snapshot(
             time.monotonic(), self.commandstat("lpush"), worker_ticks, broker_ticks,
             time.process_time(), self.sql_counts(), self.sql_counts(os.getpid()),
-            db_ticks,
+            db_ticks, self.wal_bytes(),
         )
 
     def quiet(self, timeout: float = 10.0) -> None:
@@ -238,6 +251,7 @@ class Run:
     client_cpu_ms: float = 0.0
     broker_cpu_ms: float | None = None
     db_cpu_ms: float | None = None
+    wal_kb_per_saga: float | None = None
 
 
 @dataclass
@@ -325,6 +339,8 @@ class Bench:
         if after.db_ticks:
             ticks = sum(t - before.db_ticks.get(pid, 0) for pid, t in after.db_ticks.items())
             run.db_cpu_ms = ticks * 1000 / CLK_TCK / n
+        if after.wal is not None and before.wal is not None:
+            run.wal_kb_per_saga = (after.wal - before.wal) / 1024 / n
         if self.env.redis_proc:
             run.broker_cpu_ms = (after.broker_ticks - before.broker_ticks) * 1000 / CLK_TCK / n
         return run
@@ -371,6 +387,7 @@ METRICS = [
     ("client_cpu_ms", "client CPU ms/saga", "{:.2f}"),
     ("broker_cpu_ms", "broker CPU ms/saga", "{:.2f}"),
     ("db_cpu_ms", "PostgreSQL CPU ms/saga", "{:.2f}"),
+    ("wal_kb_per_saga", "PostgreSQL WAL KB/saga", "{:.2f}"),
 ]
 
 

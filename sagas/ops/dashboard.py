@@ -960,9 +960,11 @@ def _place_markers(moments: list[Marker], x_of: Callable[[datetime], float], wid
                 lx = left if anchor == "start" else x - 4
                 fallback = fallback or (lx, len(placed), anchor)
                 free = all(lane != k or high <= a or low >= b for k, a, b in spans)
-                uncrossed = all(not (k < lane and low <= px <= high)
+                # A marker's line runs from its own label's lane down to the rows: it must not
+                # pass through a label in that lane or below (nor this one's through theirs).
+                uncrossed = all(not (k <= lane and low <= px <= high)
                                 for _, px, _, k, _ in placed)
-                clear = all(not (k > lane and a <= x <= b) for k, a, b in spans)
+                clear = all(not (k >= lane and a <= x <= b) for k, a, b in spans)
                 if free and uncrossed and clear:
                     choice = (lx, lane, anchor)
                     break
