@@ -944,7 +944,27 @@ def _place_markers(moments: list[Marker], x_of: Callable[[datetime], float], wid
                    ) -> list[tuple[Marker, float, float, int, str]]:
     """(marker, x, label x, lane, text-anchor) for each: labels in lanes above the rows, none
     over another label, and no marker's line (from its label down to the rows) through a label.
+
+    Markers are placed in time order, and if that leaves one with no clean spot (two markers
+    a few pixels apart at the right edge: the later one's label would sit on the earlier one's
+    line), in reverse time order, so the later one takes the upper lane.
     """
+    best: list[tuple[Marker, float, float, int, str]] = []
+    least = None
+    for order in (moments, moments[::-1]):
+        placed, forced = _place_in_order(order, x_of, width)
+        if least is None or forced < least:
+            best, least = placed, forced
+        if not forced:
+            break
+    rank = {id(m): i for i, m in enumerate(moments)}
+    return sorted(best, key=lambda p: rank[id(p[0])])
+
+
+def _place_in_order(moments: list[Marker], x_of: Callable[[datetime], float], width: float
+                    ) -> tuple[list[tuple[Marker, float, float, int, str]], int]:
+    """One placement in the given order, and how many labels found no clean spot."""
+    forced = 0
     placed: list[tuple[Marker, float, float, int, str]] = []
     spans: list[tuple[int, float, float]] = []  # lane, left, right of each label placed
     for m in moments:
@@ -970,11 +990,12 @@ def _place_markers(moments: list[Marker], x_of: Callable[[datetime], float], wid
                     break
             if choice:
                 break
+        forced += choice is None
         lx, lane, anchor = choice or fallback or (x + 4, len(placed), "start")
         left = lx if anchor == "start" else lx - w
         spans.append((lane, left, left + w))
         placed.append((m, x, lx, lane, anchor))
-    return placed
+    return placed, forced
 
 
 def draw_timeline(view: dict[str, Any], entries: list[dict[str, Any]], now: datetime,

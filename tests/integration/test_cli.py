@@ -89,7 +89,7 @@ def test_db_upgrade_makes_a_fresh_database_ready_to_list(tmp_path: Path, redis_s
     # An integer past what the store takes is a usage error naming the option, no traceback.
     for args, option in ((("list", "--offset", "9223372036854775808"), "--offset"),
                          (("list", "--version", "2147483648"), "--version"),
-                         (("dead", "show", "9223372036854775808"), "letter_id"),
+                         (("dead", "show", "9223372036854775808"), "'ID'"),
                          (("dead", "purge", "--older-than", "1e300"), "--older-than")):
         refused = sagas(env, *args)
         assert refused.returncode == 2, (args, refused.stderr)
