@@ -163,3 +163,54 @@ def test_the_namespaces_of_a_crashed_run_are_removed_by_the_next():
     pid = left[0].split("-")[0].removeprefix(netns.PREFIX)
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert f" sg{pid}" not in links, "the root end of its veth is gone too"
+
+
+_HOLD_LOCK = """
+import sys, time, psycopg
+conn = psycopg.connect(sys.argv[1])
+conn.execute("SELECT v FROM t WHERE k = 1 FOR UPDATE")
+print("locked", flush=True)
+time.sleep(600)  # the transaction stays open; the host is cut off meanwhile
+"""
+
+
+def _lock_waits(dsn: str, timeout_s: float) -> bool:
+    """Whether taking the row lock from the test's namespace waits past ``timeout_s``."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"SET lock_timeout = '{int(timeout_s * 1000)}ms'")
+        try:
+            with conn.transaction():
+                conn.execute("SELECT v FROM t WHERE k = 1 FOR UPDATE")
+            return False
+        except psycopg.errors.LockNotAvailable:
+            return True
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("can_make_namespaces", "can_make_clusters")
+def test_a_host_cut_off_mid_transaction_keeps_its_locks_until_the_server_drops_it():
+    """Why README, Running on several machines, asks for idle_in_transaction_session_timeout:
+    without it the row locks of a host cut off mid-transaction outlive the cut."""
+    network = netns.Network(["x"]).up()
+    try:
+        pg = network.start_postgres(settings={"idle_in_transaction_session_timeout": "'6s'"})
+        dsn = _dsn(pg.create_database("locks"))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (k int PRIMARY KEY, v int)")
+            conn.execute("INSERT INTO t VALUES (1, 0)")
+
+        holder = network.popen("x", [sys.executable, "-c", _HOLD_LOCK, dsn],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        network.partition("x")
+        began = time.monotonic()
+        assert _lock_waits(dsn, 2.0), "the cut-off host's lock holds"
+        deadline = began + 30
+        while _lock_waits(dsn, 1.0):
+            assert time.monotonic() < deadline, "the server never dropped the vanished host"
+        released_after = time.monotonic() - began
+        assert released_after < 15, released_after  # 6 s idle timeout, not TCP's hours
+        holder.kill()
+        holder.wait(10)
+    finally:
+        network.down()
