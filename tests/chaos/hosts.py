@@ -341,8 +341,8 @@ def run_hosts(cfg: HostsConfig, root: Path) -> HostsResult:
         burst = hosts.submit(cfg.sagas, cfg.submit_s, "burst", cfg.seed)
         _wait_busy(hosts, cfg.victim, cfg.fault_after_received, timeout=120)
 
-        # the fault, where the victim's log stands
-        fault_at = len(hosts.log_bytes(cfg.victim))
+        # the fault, where each host's log stands
+        fault_at = {h: len(hosts.log_bytes(h)) for h in hosts.layout}
         if cfg.fault == "kill":
             hosts.workers[cfg.victim].stop(signal.SIGKILL, timeout=5)
         else:
@@ -394,10 +394,11 @@ def run_hosts(cfg: HostsConfig, root: Path) -> HostsResult:
             result.victim_alive_after = worker is not None and worker.poll() is None
 
         # the victim's steps in flight when the fault struck, and where they ran again
-        taken = hosts.step_tasks_received(cfg.victim, until=fault_at)
-        done = set(hosts.outcomes(cfg.victim, until=fault_at))
+        taken = hosts.step_tasks_received(cfg.victim, until=fault_at[cfg.victim])
+        done = set(hosts.outcomes(cfg.victim, until=fault_at[cfg.victim]))
         result.in_flight_at_fault = [t for t in taken if t not in done]
-        elsewhere = {_step_of(t) for h in others for t in hosts.step_tasks_received(h)}
+        elsewhere = {_step_of(t) for h in others
+                     for t in hosts.step_tasks_received(h, since=fault_at[h])}
         result.redriven_elsewhere = [t for t in result.in_flight_at_fault
                                      if _step_of(t) in elsewhere]
 
