@@ -317,14 +317,18 @@ def _step_of(task_id: str) -> tuple[str, str, str] | None:
 
 def _wait_busy(hosts: Hosts, host: str, count: int, timeout: float) -> None:
     """Until ``host`` took ``count`` step tasks and is running some right now: every pool
-    process busy if that shows within a third of ``timeout``, else one."""
-    began = time.monotonic()
-    while time.monotonic() < began + timeout:
+    process busy if that shows within 3 s of the ``count``-th, else one."""
+    deadline = time.monotonic() + timeout
+    all_busy_until: float | None = None
+    while time.monotonic() < deadline:
         taken = hosts.step_tasks_received(host)
-        running = set(taken) - set(hosts.outcomes(host))
-        wanted = hosts.cfg.concurrency if time.monotonic() < began + timeout / 3 else 1
-        if len(taken) >= count and len(running) >= wanted:
-            return
+        if len(taken) >= count:
+            running = set(taken) - set(hosts.outcomes(host))
+            if all_busy_until is None:
+                all_busy_until = time.monotonic() + 3.0
+            wanted = hosts.cfg.concurrency if time.monotonic() < all_busy_until else 1
+            if len(running) >= wanted:
+                return
         time.sleep(0.01)
     raise AssertionError(f"host {host} was not busy with a step in {timeout}s: "
                          f"see {hosts.workers[host].log_path}")
