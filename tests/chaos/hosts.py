@@ -86,6 +86,7 @@ class HostsConfig:
     # (and is in the middle of one)
     partition_s: float = 20.0
     during_sagas: int = 15  # started while the victim is cut off (partition only)
+    after_sagas: int = 10  # started once it is back (partition only)
     step_time_limit: float = 8.0  # the order saga's step limits (the sample's default is 30)
     recovery_interval: float = 1.0
     concurrency: int = 2
@@ -117,6 +118,8 @@ class HostsResult:
     late_ignored: list[str] = field(default_factory=list)  # engine's "ignored" lines after heal
     changed_after_heal: list[str] = field(default_factory=list)
     victim_alive_after: bool = False
+    after_sagas: int = 0  # started once the victim was back
+    victim_served_after: bool = False  # it took some of their steps
     settled_after_s: float = 0.0
     settle_bound_s: float = 0.0
     audit: dict[str, Any] = field(default_factory=dict)
@@ -141,7 +144,9 @@ class HostsResult:
                 f"  victim's late outcomes        {len(self.late_outcomes)} "
                 f"({len(self.late_ignored)} events the engine ignored)",
                 f"  sagas changed after the heal  {len(self.changed_after_heal)}",
-                f"  victim's worker alive after   {self.victim_alive_after}",
+                f"  victim's worker alive after   {self.victim_alive_after}; took steps of "
+                f"the {self.after_sagas} sagas started after the heal: "
+                f"{self.victim_served_after}",
             ]
         lines += [
             f"  all terminal                  {self.settled_after_s:.1f}s after the fault "
@@ -396,6 +401,14 @@ def run_hosts(cfg: HostsConfig, root: Path) -> HostsResult:
             result.changed_after_heal = [i for i in before_heal if after.get(i) != before_heal[i]]
             worker = hosts.workers[cfg.victim].process
             result.victim_alive_after = worker is not None and worker.poll() is None
+            # does the victim serve again? (Celery's, not the engine's, business: reported)
+            back_at = len(hosts.log_bytes(cfg.victim))
+            after = hosts.collect(hosts.submit(cfg.after_sagas, 1.0, "after", cfg.seed + 2))
+            states.update(hosts.wait_settled(after, cfg.settle_bound))
+            everything += after
+            result.after_sagas = len(after)
+            result.victim_served_after = any(
+                t.startswith("after-") for t in hosts.step_tasks_received(cfg.victim, back_at))
 
         # the victim's steps in flight when the fault struck, and where they ran again
         taken = hosts.step_tasks_received(cfg.victim, until=fault_at[cfg.victim])

@@ -84,17 +84,20 @@ def test_a_host_cut_off_is_replaced_and_its_late_results_change_nothing(
 ):
     """Host b (payment+shipping+saga) cut off mid-burst, then plugged back: its steps in flight
     run again elsewhere, sagas started meanwhile finish on a and c, and once b is back, what it
-    reports late (its stale steps, their time limits, its requeued messages) changes nothing."""
+    reports late (its stale steps, their time limits, its requeued messages) changes nothing.
+    Sagas started after the heal finish too (whether b itself serves again is Celery's
+    business: its main process can die as the cut heals, see README; reported, not asserted)."""
     cfg = HostsConfig(fault="partition", victim="b",
                       partition_s=float(os.environ.get("HOSTS_PARTITION_SECONDS", "20")))
     assert cfg.partition_s > cfg.step_time_limit + 2 * cfg.recovery_interval + 5, (
         "the cut must outlast a step's limit, or nothing is re-driven while b is away")
     result = _run(cfg, tmp_path_factory)
-    _assert_every_saga_terminal(result, cfg.sagas + cfg.during_sagas)
+    total = cfg.sagas + cfg.during_sagas + cfg.after_sagas
+    _assert_every_saga_terminal(result, total)
     assert result.in_flight_at_fault, "b was cut off in the middle of a step"
     assert result.redriven_elsewhere, "its steps in flight ran again on another host"
     assert result.during_terminal_before_heal == cfg.during_sagas, (
         "the other hosts kept serving while b was away")
     assert result.late_outcomes, "b came back and acted on the work it held"
     assert result.changed_after_heal == [], "b's late results changed a settled saga"
-    _assert_audit_clean(result.audit, cfg.sagas + cfg.during_sagas)
+    _assert_audit_clean(result.audit, total)
