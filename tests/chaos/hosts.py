@@ -58,8 +58,8 @@ SETTLED = TERMINAL | {"COMPENSATION_FAILED"}
 # The database server as README, Running on several machines, asks: a host that vanished in
 # the middle of a transaction loses its session (and its row locks) within seconds.
 PG_SETTINGS = {
-    "idle_in_transaction_session_timeout": "'10s'", "tcp_keepalives_idle": "5",
-    "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3",
+    "idle_in_transaction_session_timeout": "'10s'", "tcp_user_timeout": "10000",
+    "tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3",
 }
 SAGAS_CLI = "import sys; from sagas.ops.cli import main; sys.argv[0] = 'sagas'; main()"
 Fault = Literal["kill", "partition"]
