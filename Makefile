@@ -17,10 +17,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP) $(DEMO_STAMP)
 
-# Only what the demo uses (the engine and [local]: a private Redis), with pip's progress shown.
+# Only what the demo uses (the engine and [local]: a private Redis), with the installer's
+# progress shown. uv (one wheel from PyPI) installs it in ~5 s where pip takes ~20 on two busy
+# cores; pip does it when uv cannot be had.
+UV_INSTALL  := $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -e '.[local]'
+PIP_INSTALL := $(BIN)/python -m pip install --progress-bar on --disable-pip-version-check
 $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 	@echo "installing the engine and what the demo needs (one time)..."
-	$(BIN)/python -m pip install --progress-bar on --disable-pip-version-check -e '.[local]'
+	@if $(PIP_INSTALL) uv; then \
+		echo "$(UV_INSTALL)" && $(UV_INSTALL); \
+	else \
+		echo "uv unavailable: installing with pip" && $(PIP_INSTALL) -e '.[local]'; \
+	fi
 	@touch $(DEMO_STAMP)
 
 install: $(STAMP)

@@ -10,8 +10,8 @@ plain ``chain``: any difference in the figures is the engine's cost, not the tas
 Measurement hooks are installed only when ``SAGAS_BENCH_DIR`` is set (workers the bench starts):
 - the last task of a saga or chain pushes ``"<key>|<monotonic time>"`` to a Redis list, after
   the saga's final transition has been committed (``task_postrun`` runs after ``__call__``);
-- every SQL statement and commit is counted into a per-process memory-mapped file the bench
-  reads, so counting costs no round trip and never perturbs the timing it measures.
+- every SQL statement, commit and row written is counted into a per-process memory-mapped file
+  the bench reads, so counting costs no round trip and never perturbs the timing it measures.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ def raw_chain(payload: dict[str, Any]) -> Any:
 # --- measurement hooks (only in workers the bench starts) -----------------------------------
 
 _LAST_TASKS = {"bench.ship", "bench.release"}
-_SLOT = struct.Struct("<qq")  # statements, commits
-_counter: dict[str, Any] = {"pid": None, "map": None, "stmts": 0, "commits": 0}
+_SLOT = struct.Struct("<qqq")  # statements, commits, rows written
+_counter: dict[str, Any] = {"pid": None, "map": None, "stmts": 0, "commits": 0, "rows": 0}
 _redis: Any = None
 
 
@@ -151,7 +151,7 @@ def _stats_map() -> mmap.mmap:
             fh.write(b"\0" * _SLOT.size)
             fh.flush()
             _counter["map"] = mmap.mmap(fh.fileno(), _SLOT.size)
-        _counter.update(pid=os.getpid(), stmts=0, commits=0)
+        _counter.update(pid=os.getpid(), stmts=0, commits=0, rows=0)
     return _counter["map"]
 
 
@@ -160,13 +160,22 @@ def _on_statement(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
         return
     m = _stats_map()
     _counter["stmts"] += 1
-    _SLOT.pack_into(m, 0, _counter["stmts"], _counter["commits"])
+    _SLOT.pack_into(m, 0, _counter["stmts"], _counter["commits"], _counter["rows"])
+
+
+def _on_executed(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+    """Rows a write statement inserted, updated or deleted (the driver's rowcount)."""
+    if statement[:6].upper() not in ("INSERT", "UPDATE", "DELETE"):
+        return
+    m = _stats_map()
+    _counter["rows"] += max(int(cursor.rowcount or 0), 0)
+    _SLOT.pack_into(m, 0, _counter["stmts"], _counter["commits"], _counter["rows"])
 
 
 def _on_commit(conn: Any) -> None:
     m = _stats_map()
     _counter["commits"] += 1
-    _SLOT.pack_into(m, 0, _counter["stmts"], _counter["commits"])
+    _SLOT.pack_into(m, 0, _counter["stmts"], _counter["commits"], _counter["rows"])
 
 
 def _marker(sender: Any = None, task: Any = None, args: Any = None, state: Any = None,
@@ -201,6 +210,7 @@ def install_counters() -> None:
 
     if not event.contains(Engine, "before_cursor_execute", _on_statement):
         event.listen(Engine, "before_cursor_execute", _on_statement)
+        event.listen(Engine, "after_cursor_execute", _on_executed)
         event.listen(Engine, "commit", _on_commit)
 
 

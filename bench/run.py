@@ -16,7 +16,6 @@ Benchmarks report; they assert nothing about speed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -47,49 +46,35 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGETS = {"throughput": 0.8, "idle_p50": 1.5, "failure_throughput": 0.7}
 
 
-# --- command line ---------------------------------------------------------------------------
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="sagas bench",
-        description="Run N three-step sagas and N raw Celery chains of the same tasks, "
-        "interleaved and repeated, and report the ratios ours/raw.",
-    )
-    p.add_argument("-n", "--n", type=int, default=2000, help="sagas per variant and run")
-    p.add_argument("--failure-n", type=int, default=None,
-                   help="sagas per failure-path run (default: N)")
-    p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions")
-    p.add_argument("--idle", type=int, default=50,
-                   help="idle-latency samples per variant and repetition")
-    p.add_argument("--warmup", type=int, default=20, help="untimed sagas per variant first")
-    p.add_argument("--concurrency", type=int, default=2, help="prefork processes of the worker")
-    p.add_argument("--in-flight", type=int, default=None, metavar="N",
-                   help="instead: N sagas in flight at once; store size, reconciler plan, "
-                   "worker memory (see bench.scale)")
-    p.add_argument("--database-url", default=None,
-                   help="SQLAlchemy URL of the saga store (default: a private SQLite file)")
-    p.add_argument("--redis-url", default=None,
-                   help="broker to use (default: a private redis-server on a free port)")
-    p.add_argument("--use-running-workers", action="store_true",
-                   help="do not start workers: ones already serving the bench and saga queues "
-                   f"(celery -A {APP} worker -Q bench,saga) on --redis-url and --database-url "
-                   "are used (no CPU or SQL figures)")
-    p.add_argument("--no-failure", action="store_true", help="skip the failure path")
-    p.add_argument("--quick", action="store_true",
-                   help="a small run for smoke tests: N=50, repeat 1, 10 idle samples")
-    p.add_argument("--json", dest="json_path", default=None, help="also write the figures here")
-    p.add_argument("--timeout", type=float, default=120.0,
-                   help="give up when no saga finishes for this many seconds")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.n, args.repeat, args.idle, args.warmup = min(args.n, 50), 1, 10, 5
-    if args.failure_n is None:
-        args.failure_n = args.n
-    if args.use_running_workers and not (args.redis_url and args.database_url):
-        p.error("--use-running-workers needs --redis-url and --database-url")
-    if min(args.n, args.repeat, args.concurrency) < 1 or args.idle < 0 or args.failure_n < 0:
-        p.error("N, --repeat and --concurrency must be positive")
-    return args
+# --- options (the command line is `sagas bench`, in sagas.ops.cli) ---------------------------
+@dataclass
+class Options:
+    """What one bench run does; ``sagas bench --help`` describes each field."""
+
+    n: int
+    failure_n: int | None
+    repeat: int
+    idle: int
+    warmup: int
+    concurrency: int
+    database_url: str | None
+    redis_url: str | None
+    use_running_workers: bool
+    no_failure: bool
+    quick: bool
+    json_path: Path | None
+    timeout: float
+    keep: bool
+
+    def __post_init__(self) -> None:
+        if self.quick:  # a smoke-test size
+            self.n, self.repeat, self.idle, self.warmup = min(self.n, 50), 1, 10, 5
+        if self.failure_n is None:
+            self.failure_n = self.n
+
+    @property
+    def failures(self) -> int:
+        return self.n if self.failure_n is None else self.failure_n
 
 
 # --- private services -----------------------------------------------------------------------
@@ -159,8 +144,8 @@ class Snapshot:
     worker_ticks: int
     broker_ticks: int
     client_cpu: float
-    sql: tuple[int, int]
-    client_sql: tuple[int, int]
+    sql: tuple[int, int, int]
+    client_sql: tuple[int, int, int]
     db_ticks: dict[int, int] = field(default_factory=dict)
 
 
@@ -195,17 +180,18 @@ class Env:
         stats = self.redis.info("commandstats")
         return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
 
-    def sql_counts(self, pid: int | None = None) -> tuple[int, int]:
-        slot = struct.Struct("<qq")
-        stmts = commits = 0
+    def sql_counts(self, pid: int | None = None) -> tuple[int, int, int]:
+        """Statements, commits and rows written, over every process (or one)."""
+        slot = struct.Struct("<qqq")
+        stmts = commits = rows = 0
         files = [self.stats_dir / f"sql-{pid}.bin"] if pid else self.stats_dir.glob("sql-*.bin")
         for path in files:
             try:
-                s, c = slot.unpack(path.read_bytes()[: slot.size])
+                s, c, r = slot.unpack(path.read_bytes()[: slot.size])
             except (OSError, struct.error):
                 continue
-            stmts, commits = stmts + s, commits + c
-        return stmts, commits
+            stmts, commits, rows = stmts + s, commits + c, rows + r
+        return stmts, commits, rows
 
     def snapshot(self) -> Snapshot:
         db_ticks = self.db_ticks()
@@ -246,6 +232,7 @@ class Run:
     msgs_per_saga: float = 0.0
     sql_per_saga: float | None = None
     commits_per_saga: float | None = None
+    rows_per_saga: float | None = None
     client_sql_per_saga: float | None = None
     worker_cpu_ms: float | None = None
     client_cpu_ms: float = 0.0
@@ -270,7 +257,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Bench:
-    def __init__(self, env: Env, args: argparse.Namespace, tick: Callable[[int], None]) -> None:
+    def __init__(self, env: Env, args: Options, tick: Callable[[int], None]) -> None:
         from bench.app import DONE_KEY, bench_saga, engine, raw_chain
 
         self.env, self.args, self.tick = env, args, tick
@@ -331,6 +318,7 @@ class Bench:
         if self.env.counting:
             run.sql_per_saga = (after.sql[0] - before.sql[0]) / n
             run.commits_per_saga = (after.sql[1] - before.sql[1]) / n
+            run.rows_per_saga = (after.sql[2] - before.sql[2]) / n
             run.client_sql_per_saga = (after.client_sql[0] - before.client_sql[0]) / n
         if self.env.worker:
             run.worker_cpu_ms = (after.worker_ticks - before.worker_ticks) * 1000 / CLK_TCK / n
@@ -378,6 +366,7 @@ METRICS = [
     ("msgs_per_saga", "broker messages/saga", "{:.2f}"),
     ("sql_per_saga", "SQL statements/saga", "{:.2f}"),
     ("commits_per_saga", "SQL commits/saga", "{:.2f}"),
+    ("rows_per_saga", "SQL rows written/saga", "{:.2f}"),
     ("worker_cpu_ms", "worker CPU ms/saga", "{:.2f}"),
     ("client_cpu_ms", "client CPU ms/saga", "{:.2f}"),
     ("broker_cpu_ms", "broker CPU ms/saga", "{:.2f}"),
@@ -466,7 +455,7 @@ def machine_info(database_url: str) -> dict[str, Any]:
     }
 
 
-def render(summary: dict[str, Any], info: dict[str, Any], args: argparse.Namespace,
+def render(summary: dict[str, Any], info: dict[str, Any], args: Options,
            console: Any) -> None:
     from rich.table import Table
 
@@ -505,7 +494,7 @@ def render(summary: dict[str, Any], info: dict[str, Any], args: argparse.Namespa
 
 # --- orchestration --------------------------------------------------------------------------
 @contextmanager
-def bench_env(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[Env, str]]:
+def bench_env(args: Options, workdir: Path) -> Iterator[tuple[Env, str]]:
     """Start (and always stop) the private broker and worker; point this process at them."""
     import redis
 
@@ -567,15 +556,58 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def main(argv: list[str]) -> int:
-    if any(a == "--in-flight" or a.startswith("--in-flight=") for a in argv):
-        from bench.scale import main as scale_main
+class Reporter:
+    """Progress for whoever waits: a live bar on a terminal; piped (a log, CI) a plain line per
+    phase and per run instead, with no escape codes."""
 
-        return scale_main(argv)
+    def __init__(self, console: Any, total: int, first: str) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console, self.live = console, console.is_terminal
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=console, disable=not self.live,
+        )
+        self.bar = self.progress.add_task(first, total=total)
+        if not self.live:
+            self.line(first)
+
+    def __enter__(self) -> Reporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def phase(self, description: str) -> None:
+        self.progress.update(self.bar, description=description)
+        if not self.live:
+            self.line(description)
+
+    def advance(self, done: int) -> None:
+        self.progress.advance(self.bar, done)
+
+    def update(self, completed: int) -> None:
+        self.progress.update(self.bar, completed=completed)
+
+    def result(self, text: str) -> None:
+        """A line for logs; on a terminal the bar already says it."""
+        if not self.live:
+            self.line(text)
+
+    def line(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def main(args: Options) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    args = parse_args(argv)
     console, err = Console(), Console(stderr=True)
     if not console.is_terminal:
         console = Console(width=150)  # the table stays readable in logs and pipes
@@ -583,59 +615,53 @@ def main(argv: list[str]) -> int:
     scenarios = [HAPPY] if args.no_failure else [HAPPY, FAILURE]
     runs: list[Run] = []
     idles = {(v, s): Idle(v, s) for v in (OURS, RAW) for s in scenarios}
-    per_rep = sum(2 * (args.n if s == HAPPY else args.failure_n) for s in scenarios)
+    per_rep = sum(2 * (args.n if s == HAPPY else args.failures) for s in scenarios)
     total = args.repeat * (per_rep + 2 * len(scenarios) * args.idle)
+    started = "starting the broker and the worker"
     try:
-        with bench_env(args, workdir) as (env, database_url):
+        with Reporter(err, total, started) as report, bench_env(args, workdir) as (
+            env, database_url
+        ):
             info = machine_info(database_url)
-            progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), console=err, transient=False,
-            )
-            with progress:
-                bar = progress.add_task("starting the worker", total=total)
-                bench = Bench(env, args, lambda k: progress.advance(bar, k))
-                wait_ready(bench, env.worker, workdir / "worker.log")
-                progress.update(bar, description="warming up")
+            bench = Bench(env, args, report.advance)
+            wait_ready(bench, env.worker, workdir / "worker.log")
+            report.phase("warming up")
+            for scenario in scenarios:
+                for variant in (OURS, RAW):
+                    if args.warmup:
+                        bench.load(variant, scenario, args.warmup, -1, timed=False)
+            for rep in range(args.repeat):
+                order = (OURS, RAW) if rep % 2 == 0 else (RAW, OURS)
                 for scenario in scenarios:
-                    for variant in (OURS, RAW):
-                        if args.warmup:
-                            bench.load(variant, scenario, args.warmup, -1, timed=False)
-                for rep in range(args.repeat):
-                    order = (OURS, RAW) if rep % 2 == 0 else (RAW, OURS)
+                    n = args.n if scenario == HAPPY else args.failures
+                    if n == 0:
+                        continue
+                    for variant in order:
+                        report.phase(f"rep {rep + 1}/{args.repeat} {variant} {scenario}, {n} sagas")
+                        runs.append(bench.load(variant, scenario, n, rep))
+                        report.result(f"  {runs[-1].sagas_per_s:.1f} sagas/s")
+                report.phase(f"rep {rep + 1}/{args.repeat} idle latency, {args.idle} samples each")
+                for _ in range(args.idle):
                     for scenario in scenarios:
-                        n = args.n if scenario == HAPPY else args.failure_n
-                        if n == 0:
-                            continue
                         for variant in order:
-                            progress.update(
-                                bar, description=f"rep {rep + 1}/{args.repeat} {variant} {scenario}"
+                            idles[(variant, scenario)].latencies_ms.append(
+                                bench.one(variant, scenario)
                             )
-                            runs.append(bench.load(variant, scenario, n, rep))
-                            if not err.is_terminal:  # logs get a line per run instead of a bar
-                                err.print(f"rep {rep + 1} {variant} {scenario}: "
-                                          f"{runs[-1].sagas_per_s:.1f} sagas/s", highlight=False)
-                    progress.update(bar, description=f"rep {rep + 1}/{args.repeat} idle")
-                    for _ in range(args.idle):
-                        for scenario in scenarios:
-                            for variant in order:
-                                idles[(variant, scenario)].latencies_ms.append(
-                                    bench.one(variant, scenario)
-                                )
-            info["loadavg_end"] = list(os.getloadavg())
+            report.phase("stopping the worker and the broker")
+        info["loadavg_end"] = list(os.getloadavg())
     except (RuntimeError, OSError) as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         err.print(f"logs kept in {workdir}", markup=False, highlight=False)
         return 1
     except KeyboardInterrupt:
-        err.print("interrupted", highlight=False)
+        err.print("interrupted: the bench's worker and broker are stopped", highlight=False)
         return 130
     summary = summarize(runs, list(idles.values()))
     render(summary, info, args, console)
     if args.json_path:
         doc = {
             "machine": info,
-            "config": {k: v for k, v in vars(args).items() if k != "json_path"}
+            "config": {k: v for k, v in asdict(args).items() if k != "json_path"}
             | {"database_url": _redact(database_url)},
             "summary": summary,
             "runs": [asdict(r) for r in runs],

@@ -13,7 +13,6 @@ nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.run import start_redis, start_worker, stop_group, tree_pids
+from bench.run import Reporter, start_redis, start_worker, stop_group, tree_pids
 
 INDEX = "ix_saga_instances_state_stall"
 
@@ -59,15 +58,15 @@ class ScaleReport:
         return self.rss_mb[-1][1] / quarter if quarter else 0.0
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sagas bench --in-flight",
-                                description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--in-flight", type=int, default=10_000, help="sagas in flight at once")
-    p.add_argument("--database-url", default=None, help="default: a private SQLite file")
-    p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=1800.0, help="drain limit (s)")
-    p.add_argument("--json", dest="json_path", default=None, help="also write JSON here")
-    return p.parse_args(argv)
+@dataclass
+class ScaleOptions:
+    """``sagas bench --in-flight N``'s options (see ``sagas bench --help``)."""
+
+    in_flight: int
+    database_url: str | None
+    concurrency: int
+    timeout: float
+    json_path: Path | None
 
 
 def store_bytes(db: Any) -> int:
@@ -134,7 +133,7 @@ def rss_mb(root_pid: int) -> float:
     return total_kb / 1024
 
 
-def run(args: argparse.Namespace, workdir: Path, say: Any) -> ScaleReport:
+def run(args: ScaleOptions, workdir: Path, progress: Reporter) -> ScaleReport:
     import redis
 
     from bench.run import _point_here
@@ -153,25 +152,29 @@ def run(args: argparse.Namespace, workdir: Path, say: Any) -> ScaleReport:
         n = args.in_flight
         checkpoints = {n // 4, n // 2, 3 * n // 4, n}
         report.store_bytes.append((0, store_bytes(db)))
-        say(f"starting {n} sagas with no worker serving their queue")
+        progress.phase(f"starting {n} sagas with no worker serving their queue")
         began = time.monotonic()
         pending: list[str] = []
         for i in range(1, n + 1):
             pending.append(engine.start(bench_saga, {"key": f"scale-{i}"}).id)
+            progress.advance(1)
             if i in checkpoints:
                 report.store_bytes.append((i, store_bytes(db)))
-                say(f"  {i} in flight, store {report.store_bytes[-1][1] / 1e6:.1f} MB")
+                progress.result(f"  {i} in flight, store {report.store_bytes[-1][1] / 1e6:.1f} MB")
         report.start_seconds = time.monotonic() - began
         client = redis.Redis.from_url(redis_url)
         report.redis_mb_full = client.info("memory")["used_memory"] / 1e6
+        progress.phase("explaining the reconciler's query")
         report.reconciler_plan, report.reconciler_query_ms = reconciler_plan(db)
         report.reconciler_uses_index = any(INDEX in line for line in report.reconciler_plan)
 
         env = dict(os.environ)
         env.pop("SAGAS_BENCH_DIR", None)  # no per-task measurement hooks: memory only
         worker = start_worker(env, args.concurrency, workdir / "worker.log")
-        say(f"draining {n} sagas through one worker (concurrency {args.concurrency})")
+        progress.phase(f"draining {n} sagas through one worker (concurrency {args.concurrency})")
+        progress.update(0)
         began = time.monotonic()
+        last_line = began
         next_sample = 0.0
         while True:
             now = time.monotonic()
@@ -185,6 +188,10 @@ def run(args: argparse.Namespace, workdir: Path, say: Any) -> ScaleReport:
                 pending = [i for i in pending if states.get(i) is not SagaState.COMPLETED]
                 done = n - len(pending)
                 report.rss_mb.append((done, rss_mb(worker.pid)))
+                progress.update(done)
+                if now - last_line >= 10:  # a log gets a line every 10 s
+                    progress.result(f"  {done} of {n} drained")
+                    last_line = now
                 next_sample = now + 1.0
                 if done >= n:
                     break
@@ -224,18 +231,21 @@ def render(report: ScaleReport, console: Any) -> None:
                   f"{report.rss_growth():.3f}x")
 
 
-def main(argv: list[str]) -> int:
+def main(args: ScaleOptions) -> int:
     from rich.console import Console
 
-    args = parse_args(argv)
     console, err = Console(), Console(stderr=True)
     workdir = Path(tempfile.mkdtemp(prefix="sagas-scale-"))
     try:
-        report = run(args, workdir, lambda m: err.print(m, highlight=False))
+        with Reporter(err, args.in_flight, "starting a private broker") as progress:
+            report = run(args, workdir, progress)
     except (RuntimeError, OSError) as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         err.print(f"logs kept in {workdir}", markup=False, highlight=False)
         return 1
+    except KeyboardInterrupt:
+        err.print("interrupted: the study's worker and broker are stopped", highlight=False)
+        return 130
     render(report, console)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(
@@ -243,9 +253,3 @@ def main(argv: list[str]) -> int:
                               "rss_growth": report.rss_growth()}, indent=2) + "\n")
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(main(sys.argv[1:]))

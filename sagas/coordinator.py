@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from sagas.definition import Saga
+from sagas.definition import Saga, SuccessShape
 from sagas.errors import SagaStateError
 from sagas.states import (
     STEP_ROLLED_BACK,
@@ -27,6 +28,11 @@ Phase = Literal["action", "compensation"]
 ACTION: Phase = "action"
 COMPENSATION: Phase = "compensation"
 
+COMPENSATION_STATES = frozenset(
+    {StepState.COMPENSATING, StepState.COMPENSATED, StepState.COMPENSATION_FAILED}
+)
+"""A step in these states counts compensation attempts; in any other, action attempts."""
+
 
 @dataclass
 class StepSnapshot:
@@ -36,6 +42,8 @@ class StepSnapshot:
     result: Any = None
     error: str | None = None
     compensation_attempts: int = 0
+    since: datetime | None = None  # when the step last changed state (recovery's clock)
+    countdown: float = 0.0  # the delay its current attempt was sent with
 
     def attempt_of(self, phase: str) -> int:
         return self.compensation_attempts if phase == COMPENSATION else self.attempts
@@ -63,6 +71,8 @@ class Transition:
     to_state: str
     attempt: int = 0
     error: str | None = None
+    countdown: float = 0.0  # a dispatch's (or Celery retry's) delay before the attempt runs
+    keeps_error: bool = False  # a bookkeeping note (a re-drive): the step keeps its error
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ class StepSucceeded:
     step: str
     phase: Phase
     result: Any = None
+    attempt: int | None = None  # the attempt that ran (history credits it); None: the current
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,7 @@ class StepFailed:
     # lost, broker or backend unreachable): the pivot, which has no compensation, is then
     # re-driven, never failed; any other step is compensated, in case its effect committed.
     definite: bool = True
+    attempt: int | None = None  # the attempt that failed; None: the current one
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,7 @@ class StepRetrying:
     phase: Phase
     attempt: int
     error: str
+    countdown: float = 0.0  # Celery sends the next attempt after this many seconds
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,7 @@ class IgnoreKind(StrEnum):
     PAST_PIVOT = "past_pivot"  # the saga can only go forward
     PIVOT_IN_FLIGHT = "pivot_in_flight"
     PRECONDITION = "precondition"  # the caller's own check under the row lock refused it
+    NOT_DUE = "not_due"  # recovery: the saga made progress; its next look is later
     UNKNOWN_VERSION = "unknown_version"  # this process lacks the instance's definition version
     GRAPH_CHANGED = "graph_changed"  # same version, other steps: this process cannot decide
 
@@ -204,20 +218,26 @@ class _Machine:
         bump_attempt: bool = False,
         result: Any = None,
         keep_step_error: bool = False,
+        ran: int | None = None,
+        countdown: float = 0.0,
     ) -> StepSnapshot:
+        """Move one step; ``ran`` credits the attempt that produced the outcome (history)."""
         step = self.snap.steps[name]
         check_step_transition(name, step.state, target)
-        compensating = target in (
-            StepState.COMPENSATING, StepState.COMPENSATED, StepState.COMPENSATION_FAILED
-        )
+        compensating = target in COMPENSATION_STATES
         if bump_attempt:
             if compensating:
                 step.compensation_attempts += 1
             else:
                 step.attempts += 1
         attempt = step.compensation_attempts if compensating else step.attempts
-        self.out.transitions.append(Transition(name, step.state, target, attempt, error))
+        if ran is not None and 0 < ran <= attempt:
+            attempt = ran
+        self.out.transitions.append(Transition(
+            name, step.state, target, attempt, error, countdown, keep_step_error
+        ))
         step.state = target
+        step.countdown = countdown
         if error is not None and not keep_step_error:
             step.error = error
         if result is not None:
@@ -226,6 +246,7 @@ class _Machine:
         return step
 
     def dispatch(self, name: str, phase: Phase, countdown: float = 0.0) -> None:
+        """Publish the step's current attempt (after the commit)."""
         self.out.dispatches.append(
             Dispatch(name, phase, self.snap.steps[name].attempt_of(phase), countdown)
         )
@@ -297,6 +318,36 @@ def decide(saga: Saga, snap: SagaSnapshot, event: Event) -> Decision:
     return m.out
 
 
+def decide_success_alone(
+    saga: Saga, snap: SagaSnapshot, step: str, attempt: int, result: Any
+) -> Decision | None:
+    """A step's success decided from the graph alone, or None when it needs the whole saga.
+
+    ``snap`` holds what the step's own message carried (the input, its ancestors' results); it
+    is completed here on the assumptions the store then enforces in the same statement: the saga
+    is RUNNING and the step has not succeeded before. When either fails, the store records
+    nothing and the caller decides with ``decide`` under the saga's lock instead.
+    """
+    shape = saga.success_shape.get(step)
+    if shape is None:
+        return None
+    snap.state = SagaState.RUNNING
+    snap.steps[step] = StepSnapshot(step, StepState.RUNNING, attempts=attempt)
+    children = saga.children[step]
+    for child in children:
+        snap.steps[child] = StepSnapshot(child)
+    m = _Machine(saga, snap)
+    m.step_to(step, StepState.SUCCEEDED, result=result)
+    if shape is SuccessShape.ADVANCE:
+        for name in saga.order:
+            if name in children:
+                m.step_to(name, StepState.RUNNING, bump_attempt=True)
+                m.dispatch(name, ACTION)
+    else:
+        m.saga_to(SagaState.COMPLETED)
+    return m.out
+
+
 def _on_started(m: _Machine, event: Started) -> Ignored | None:
     if m.snap.state != SagaState.PENDING:
         return Ignored(IgnoreKind.ALREADY_STARTED, f"saga already {m.snap.state}")
@@ -312,7 +363,7 @@ def _on_succeeded(m: _Machine, event: StepSucceeded) -> Ignored | None:
     if event.phase == ACTION:
         if step.state != StepState.RUNNING:
             return _not_running(event.step, step.state)
-        m.step_to(event.step, StepState.SUCCEEDED, result=event.result)
+        m.step_to(event.step, StepState.SUCCEEDED, result=event.result, ran=event.attempt)
         if m.snap.state == SagaState.RUNNING:
             m.run_ready_steps()
         elif m.snap.state == SagaState.COMPENSATING:
@@ -322,7 +373,7 @@ def _on_succeeded(m: _Machine, event: StepSucceeded) -> Ignored | None:
         return Ignored(
             IgnoreKind.NOT_IN_FLIGHT, f"step {event.step!r} is {step.state}, not COMPENSATING"
         )
-    m.step_to(event.step, StepState.COMPENSATED)
+    m.step_to(event.step, StepState.COMPENSATED, ran=event.attempt)
     if m.snap.state == SagaState.COMPENSATING:
         m.advance_rollback()
     return None
@@ -337,7 +388,9 @@ def _on_failed(m: _Machine, event: StepFailed) -> Ignored | None:
             return Ignored(
             IgnoreKind.NOT_IN_FLIGHT, f"step {event.step!r} is {step.state}, not COMPENSATING"
         )
-        m.step_to(event.step, StepState.COMPENSATION_FAILED, error=event.error)
+        m.step_to(
+            event.step, StepState.COMPENSATION_FAILED, error=event.error, ran=event.attempt
+        )
         if m.snap.state == SagaState.COMPENSATING:
             m.advance_rollback()
         return None
@@ -350,12 +403,12 @@ def _on_failed(m: _Machine, event: StepFailed) -> Ignored | None:
         )
     if m.snap.state == SagaState.RUNNING and m.pivot_passed():
         # Past the point of no return: the saga can only go forward.
-        m.step_to(event.step, StepState.FAILED, error=event.error)
-        m.step_to(event.step, StepState.RUNNING, bump_attempt=True)
-        policy = m.saga.steps[event.step].retry
-        m.dispatch(event.step, ACTION, countdown=policy.delay(step.attempts))
+        m.step_to(event.step, StepState.FAILED, error=event.error, ran=event.attempt)
+        countdown = m.saga.steps[event.step].retry.delay(step.attempts + 1)
+        m.step_to(event.step, StepState.RUNNING, bump_attempt=True, countdown=countdown)
+        m.dispatch(event.step, ACTION, countdown=countdown)
         return None
-    m.step_to(event.step, StepState.FAILED, error=event.error)
+    m.step_to(event.step, StepState.FAILED, error=event.error, ran=event.attempt)
     if m.snap.state == SagaState.RUNNING:
         m.saga_to(SagaState.COMPENSATING, error=f"step {event.step!r} failed: {event.error}")
     if m.snap.state == SagaState.COMPENSATING:
@@ -385,7 +438,9 @@ def _on_retrying(m: _Machine, event: StepRetrying) -> Ignored | None:
         step.compensation_attempts = event.attempt - 1
     else:
         step.attempts = event.attempt - 1
-    m.step_to(event.step, expected, error=event.error, bump_attempt=True)
+    m.step_to(
+        event.step, expected, error=event.error, bump_attempt=True, countdown=event.countdown
+    )
     return None
 
 

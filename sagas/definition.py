@@ -7,6 +7,8 @@ import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -22,6 +24,14 @@ from sagas.errors import (
 )
 
 DEFAULT_QUEUE = "saga"
+
+
+class SuccessShape(StrEnum):
+    """What a step's success decides by the graph alone (see ``Saga.success_shape``)."""
+
+    ADVANCE = "advance"  # its children become ready
+    COMPLETE = "complete"  # the saga completes
+
 _PREVIOUS = object()  # sentinel: "depends on the step declared before me"
 
 
@@ -154,6 +164,9 @@ class Saga:
                     f"saga {name!r}: step {step_name!r} comes after the pivot {self.pivot!r} "
                     "and declares a compensation, which could never run"
                 )
+        self.success_shape: dict[str, SuccessShape | None] = {
+            s: self._success_shape(s) for s in self.order
+        }
 
     # --- graph ---------------------------------------------------------------
     def _topological_order(self) -> tuple[str, ...]:
@@ -171,6 +184,32 @@ class Saga:
             stuck = [s for s in self.steps if s not in order]
             raise CycleError(f"saga {self.name!r}: cycle through steps {stuck}")
         return tuple(order)
+
+    def ancestors(self, step: str) -> set[str]:
+        seen: set[str] = set()
+        stack = list(self.parents[step])
+        while stack:
+            current = stack.pop()
+            if current not in seen:
+                seen.add(current)
+                stack.extend(self.parents[current])
+        return seen
+
+    def _success_shape(self, step: str) -> SuccessShape | None:
+        """What a success of ``step`` decides while the saga runs, if the graph alone says it.
+
+        ADVANCE: every child waits only on this step or its ancestors (all of which succeeded
+        before it was sent), so exactly its children become ready. COMPLETE: every other step is
+        an ancestor, so the saga is done. Otherwise (a join with another branch, one of several
+        ends) the decision needs the other steps' states: None.
+        """
+        before = self.ancestors(step) | {step}
+        children = self.children[step]
+        if children:
+            if all(set(self.parents[c]) <= before for c in children):
+                return SuccessShape.ADVANCE
+            return None
+        return SuccessShape.COMPLETE if len(before) == len(self.steps) else None
 
     def descendants(self, step: str) -> set[str]:
         seen: set[str] = set()
@@ -196,7 +235,7 @@ class Saga:
         known_set = set(known)
         return sorted(n for n in self.task_names() if n not in known_set)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """A digest of the graph: steps, dependencies, task names, pivot and queues.
 

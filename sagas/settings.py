@@ -53,19 +53,14 @@ class SagaSettings(BaseSettings):
     )
 
     # --- the outbox ----------------------------------------------------------------------------
-    sagas_outbox: bool = Field(True, description="Write lifecycle events to the outbox table")
     sagas_outbox_broker_url: str | None = Field(
         None, description="Broker the outbox relay publishes to (default: REDIS_URL)"
     )
-    sagas_outbox_batch: int = Field(100, gt=0, description="Rows the relay claims per batch")
-    sagas_outbox_max_attempts: int = Field(
-        10, gt=0, description="Publish attempts before an outbox row is dead-lettered"
+    sagas_outbox_batch: int = Field(
+        100, gt=0, description="Log rows the relay reads and publishes per batch"
     )
     sagas_outbox_interval: float = Field(
         0.5, gt=0, description="Relay poll interval when idle (s)"
-    )
-    sagas_outbox_retention: float = Field(
-        7 * 24 * 3600.0, description="Sent outbox rows older than this are deleted (s)"
     )
 
     @property

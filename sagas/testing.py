@@ -65,7 +65,7 @@ from sagas.runtime.worker import (
 )
 from sagas.settings import SagaSettings
 from sagas.states import SAGA_SETTLED, SagaState, StepState
-from sagas.store import sql
+from sagas.store import connect, sql
 
 __all__ = [
     "Fault",
@@ -392,8 +392,6 @@ class SagaRunner:
         self._faults: dict[str, dict[str, tuple[Fault, ...]]] = {}
         self._calls: Counter[tuple[str, str, str]] = Counter()
         self._started_at: dict[str, float] = {}
-        self._event_at: dict[int, float] = {}
-        self._last_event = 0
         self._last_recovery: float | None = None
         self._delivered_since_recovery = True
         for saga in sagas:
@@ -428,7 +426,7 @@ class SagaRunner:
 
     def close(self) -> None:
         """Drop the store (the in-memory database goes with its last connection)."""
-        engine = sql._engines.pop((os.getpid(), self.settings.database_url), None)
+        engine = connect._engines.pop((os.getpid(), self.settings.database_url), None)
         if engine is not None:
             engine.dispose()
         if self._keepalive is not None:
@@ -492,7 +490,6 @@ class SagaRunner:
         if started not in self._started_at:  # a duplicate start keeps the first one's faults
             self._started_at[started] = started_at
             self._faults[started] = planned
-        self._stamp()
         return started
 
     def drain(self, *, for_seconds: float | None = None, max_deliveries: int = 1000) -> None:
@@ -526,13 +523,11 @@ class SagaRunner:
                     heapq.heappop(self._queue)
                     self._deliver(job)
                     self._delivered_since_recovery = True
-                self._stamp()
 
     def recover(self) -> RecoveryReport:
         """One reconciler pass at the virtual now (beat runs one every recovery_interval)."""
         with _virtual_time(self.clock):
             report = self._recover()
-        self._stamp()
         return report
 
     def advance(self, seconds: float) -> None:
@@ -545,7 +540,6 @@ class SagaRunner:
             self._faults[saga_id] = self._faults_for(self._definition(saga_id), faults)
         with _virtual_time(self.clock):
             self.engine.retry(saga_id)
-        self._stamp()
         self.drain()
         return self.result(saga_id)
 
@@ -553,7 +547,6 @@ class SagaRunner:
         """An operator's ``sagas cancel``, then a drain."""
         with _virtual_time(self.clock):
             self.engine.cancel(saga_id, reason)
-        self._stamp()
         self.drain()
         return self.result(saga_id)
 
@@ -564,7 +557,7 @@ class SagaRunner:
         history = tuple(
             HistoryEntry(
                 e["step"], e["from_state"], e["to_state"], int(e["attempt"]), e["error"],
-                round(self._event_at.get(int(e["id"]), start) - start, 6),
+                round(self.clock.seconds_at(_as_datetime(e["at"])) - start, 6),
             )
             for e in view["events"]
         )
@@ -736,15 +729,6 @@ class SagaRunner:
     def _definition(self, saga_id: str) -> Saga:
         view = self.store.get_view(saga_id)
         return self.engine.saga(view["name"], int(view["version"]))
-
-    def _stamp(self) -> None:
-        """Note the virtual time of the events recorded since the last look."""
-        e = sql.events_t
-        with self.store.read() as conn:
-            ids = conn.execute(select(e.c.id).where(e.c.id > self._last_event)).scalars().all()
-        for event_id in ids:
-            self._event_at[int(event_id)] = self.clock.elapsed
-            self._last_event = max(self._last_event, int(event_id))
 
 
 def _as_datetime(value: Any) -> datetime:

@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -95,9 +96,13 @@ def _run(count: int, timeout: float, stack: ExitStack) -> int:
     for worker in workers:
         worker.start()
         stack.callback(worker.stop)
-    with console.status("starting one worker per queue: " + ", ".join(QUEUES)):
+    starting = "starting one worker per queue: " + ", ".join(QUEUES)
+    if not console.is_terminal:
+        console.print(starting, highlight=False)  # a log gets the line the spinner shows
+    with console.status(starting):
         for worker in workers:
             worker.wait_ready()
+    console.print(f"[dim]{len(workers)} workers ready; starting {count} order sagas[/]")
 
     limit = _limit()
     orders = demo_orders(count)
@@ -112,22 +117,34 @@ def _run(count: int, timeout: float, stack: ExitStack) -> int:
     states: dict[str, str] = {}
     columns = (TextColumn("sagas"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     deadline = time.monotonic() + timeout
-    with Progress(*columns, console=console, transient=False) as progress:
+    live = console.is_terminal  # piped (a log, CI): a line per second with news instead
+    said, said_at = -1, 0.0
+    with Progress(*columns, console=console, disable=not live) as progress:
         bar = progress.add_task("sagas", total=len(started))
         while time.monotonic() < deadline:
             waiting = [i for i, _, _ in started if states.get(i) not in settled]
             states.update(engine.states(waiting))  # one read-only query for all of them
             done = sum(1 for s in states.values() if s in settled)
             progress.update(bar, completed=done)
+            now = time.monotonic()
+            if not live and done != said and (now - said_at >= 1 or done == len(started)):
+                console.print(f"sagas settled: {done}/{len(started)}", highlight=False)
+                said, said_at = done, now
             if done == len(started):
                 break
             time.sleep(0.2)
 
     steps = store.step_states([s for s, _, _ in started])
-    table = Table(title="order sagas")
-    for col in ("saga", "customer", "order", "amount", "expected", "final", "reserve", "charge",
-                "ship"):
-        table.add_column(col)
+    # Nothing is ever cut ("COMPL..."): the step states need ~120 columns, so a narrower
+    # terminal gets the saga's own state only (`sagas show` has the steps). The id's first 8
+    # characters are a prefix `sagas show` accepts.
+    wide = console.width >= 120
+    columns = ["saga", "customer", "order", "amount", "expected", "final"]
+    if wide:
+        columns += ["reserve", "charge", "ship"]
+    table = Table(title="order sagas", box=box.SIMPLE_HEAD)
+    for col in columns:
+        table.add_column(col, no_wrap=True)
     ok = True
     for saga_id, order, expected in started:
         final = states.get(saga_id, "?")
@@ -135,12 +152,12 @@ def _run(count: int, timeout: float, stack: ExitStack) -> int:
         ok &= good
         step = steps.get(saga_id, {})
         colour = "green" if good else "red"
-        table.add_row(
-            saga_id[:8], order["customer_id"], f"{order['quantity']} x {order['item']}",
-            str(order_amount(order)), expected, f"[{colour}]{final}[/]",
-            step.get("reserve_inventory", "?"), step.get("charge_payment", "?"),
-            step.get("ship_order", "?"),
-        )
+        cells = [saga_id[:8], order["customer_id"], f"{order['quantity']} x {order['item']}",
+                 str(order_amount(order)), expected, f"[{colour}]{final}[/]"]
+        if wide:
+            cells += [step.get(name, "?") for name in
+                      ("reserve_inventory", "charge_payment", "ship_order")]
+        table.add_row(*cells)
     console.print(table)
     completed = sum(1 for _, o, e in started if e == "COMPLETED")
     shipped = {}

@@ -99,7 +99,7 @@ def fresh_database(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     try:
         yield url
     finally:
-        from sagas.store.sql import _engines
+        from sagas.store.connect import _engines
 
         for key in [k for k in _engines if k[1] == url]:
             _engines.pop(key).dispose()

@@ -9,7 +9,8 @@ the domain. For every saga recorded in the store:
   declare a compensation is read from the definition registered in this engine; a saga whose
   definition is not registered gets a ``definition unknown`` finding instead of a guess (the
   checks that need no definition still run).
-- every step's state is the ``to_state`` of its last event; a step with no event is PENDING.
+- its log replays through the transition table (every step transition is allowed from the
+  state the replay reached), and the saga row's state is the one its last log row recorded.
 - a saga in flight (PENDING, RUNNING, COMPENSATING) is not far past its deadlines: its stall
   deadline, or (PENDING/RUNNING) its saga deadline, passed by more than ``recovery_grace +
   step_timeout`` means recovery is not doing its job.
@@ -29,12 +30,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, select
 
 from sagas.definition import Saga
 from sagas.errors import StoreUnavailableError
 from sagas.states import SAGA_TERMINAL, SagaState, StepState
-from sagas.store.sql import events_t, sagas_t, steps_t, utcnow
+from sagas.store.log import LogEntry, entry_of, replay, replay_problems, saga_from_row
+from sagas.store.sql import log_t, sagas_t, utcnow
 
 if TYPE_CHECKING:
     from sagas.engine import AuditCheck, Sagas
@@ -44,7 +46,7 @@ BATCH = 500
 
 RULE_COMPLETED = "completed: every step succeeded"
 RULE_COMPENSATED = "compensated: nothing left to undo"
-RULE_EVENTS = "step state matches its last event"
+RULE_EVENTS = "history replays through the transition table"
 RULE_DEADLINE = "in flight: not far past its deadline"
 RULE_IDLE = "idle: every saga settled"
 """The engine's rules, as ``checks_run`` names them; each runs once per saga it applies to."""
@@ -135,13 +137,13 @@ def audit(engine: Sagas, *, idle: bool = True, now: datetime | None = None) -> A
             # One snapshot for every batch: a saga and its steps never come from two moments.
             conn.execution_options(isolation_level="REPEATABLE READ")
         for batch in _saga_batches(conn):
-            steps, last_events = _steps_and_events(conn, [r.id for r in batch])
+            logs = _logs(conn, [r.id for r in batch])
             for row in batch:
                 report.sagas += 1
                 report.states[row.state] = report.states.get(row.state, 0) + 1
                 found, ran = _check_saga(
-                    row, steps.get(row.id, []), last_events.get(row.id, {}),
-                    definitions.get((row.name, row.version)), now=now, margin=margin, idle=idle,
+                    row, logs.get(row.id, []), definitions.get((row.name, row.version)),
+                    now=now, margin=margin, idle=idle,
                 )
                 report.findings.extend(found)
                 report.checks += ran
@@ -189,37 +191,23 @@ def _saga_batches(conn: Connection) -> Iterator[list[_SagaRecord]]:
         after = rows[-1].id
 
 
-def _steps_and_events(
-    conn: Connection, saga_ids: list[str]
-) -> tuple[dict[str, list[tuple[str, str]]], dict[str, dict[str, str]]]:
-    """Per saga: its (step, state) rows, and each step's last event's ``to_state``."""
-    steps: dict[str, list[tuple[str, str]]] = {}
+def _logs(conn: Connection, saga_ids: list[str]) -> dict[str, list[LogEntry]]:
+    """Each saga's log, in sequence (one query per batch)."""
+    logs: dict[str, list[LogEntry]] = {}
     for r in conn.execute(
-        select(steps_t.c.saga_id, steps_t.c.name, steps_t.c.state)
-        .where(steps_t.c.saga_id.in_(saga_ids))
-        .order_by(steps_t.c.saga_id, steps_t.c.name)
+        select(log_t.c.saga_id, log_t.c.seq, log_t.c.at, log_t.c.cause, log_t.c.step,
+               log_t.c.saga_state, log_t.c.transitions, log_t.c.result)
+        .where(log_t.c.saga_id.in_(saga_ids))
+        .order_by(log_t.c.seq)
     ):
-        steps.setdefault(str(r.saga_id), []).append((str(r.name), str(r.state)))
-    last = (
-        select(func.max(events_t.c.id).label("last_id"))
-        .where(events_t.c.saga_id.in_(saga_ids), events_t.c.step.is_not(None))
-        .group_by(events_t.c.saga_id, events_t.c.step)
-        .subquery()
-    )
-    events: dict[str, dict[str, str]] = {}
-    for r in conn.execute(
-        select(events_t.c.saga_id, events_t.c.step, events_t.c.to_state)
-        .join(last, events_t.c.id == last.c.last_id)
-    ):
-        events.setdefault(str(r.saga_id), {})[str(r.step)] = str(r.to_state)
-    return steps, events
+        logs.setdefault(str(r[0]), []).append(entry_of(r[1:]))
+    return logs
 
 
 # --- the engine's rules -----------------------------------------------------------------------
 def _check_saga(
     row: _SagaRecord,
-    steps: list[tuple[str, str]],
-    last_events: Mapping[str, str],
+    entries: list[LogEntry],
     definition: Saga | None,
     *,
     now: datetime,
@@ -233,7 +221,12 @@ def _check_saga(
     def add(rule: str, detail: str) -> None:
         found.append(Finding(rule, detail, saga_id))
 
-    ran = 2  # the events rule and the deadline rule run on every saga
+    snap = replay(
+        saga_from_row(saga_id, name, state, None, None, row.version, None), entries,
+        definition.order if definition is not None else (),
+    )
+    steps = [(n, str(s.state)) for n, s in sorted(snap.steps.items())]
+    ran = 2  # the history rule and the deadline rule run on every saga
     if state == SagaState.COMPLETED:
         ran += 1
         for step, step_state in steps:
@@ -256,13 +249,11 @@ def _check_saga(
                     add(RULE_COMPENSATED, f"step {step!r} is SUCCEEDED and never compensated "
                                           f"({declared.compensation_name} never ran)")
 
-    for step, step_state in steps:
-        last = last_events.get(step)
-        if last is None:
-            if step_state != StepState.PENDING:
-                add(RULE_EVENTS, f"step {step!r} is {step_state} but has no event")
-        elif last != step_state:
-            add(RULE_EVENTS, f"step {step!r} is {step_state}, its last event says {last}")
+    for problem in replay_problems(entries):
+        add(RULE_EVENTS, problem)
+    if entries and entries[-1].saga_state != state:
+        add(RULE_EVENTS, f"the saga is {state} but its last log row ({entries[-1].cause}) left "
+                         f"it {entries[-1].saga_state}")
 
     if state in IN_FLIGHT:
         stall = row.stall_deadline

@@ -11,13 +11,15 @@ on stderr and exits non-zero; no traceback.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -28,6 +30,7 @@ from celery import Celery
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from sagas.coordinator import Decision
 from sagas.engine import Sagas
@@ -42,20 +45,85 @@ from sagas.errors import (
 from sagas.ops.audit import audit as run_audit
 from sagas.runtime import relay as outbox
 from sagas.states import SagaState
-from sagas.store.outbox import DEAD, PENDING, SENT
 
-cli = typer.Typer(
-    name="sagas", help="Run and operate task-graph sagas on Celery.", no_args_is_help=True,
-    pretty_exceptions_enable=False, add_completion=False,
-)
-db_cli = typer.Typer(help="The saga store's schema.", no_args_is_help=True)
-outbox_cli = typer.Typer(help="The outbox of saga lifecycle events.", no_args_is_help=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# --- help as an operator reads it ---------------------------------------------------------------
+class _Argument(TyperArgument):
+    """An argument shown by its name (``ID``), not by a Python type (``<str>``)."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+    def get_usage_pieces(self, ctx: Any) -> list[str]:
+        name = self.display_name_raw.upper()
+        return [name if self.required else f"[{name}]"]
+
+
+class _Option(TyperOption):
+    """A flag shows no type; an option taking a value shows its metavar (``N``, ``URL``)."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        if self.is_flag or self.count:
+            return None
+        return self.metavar or (self.name or "value").upper()
+
+
+def _plain(params: list[Any]) -> list[Any]:
+    """Typer builds its own parameter classes: give them the help above (idempotent)."""
+    for param in params:
+        if type(param) is TyperArgument:
+            param.__class__ = _Argument
+        elif type(param) is TyperOption:
+            param.__class__ = _Option
+    return params
+
+
+def _reflow(text: str | None) -> str | None:
+    """A docstring's paragraphs as single lines: the terminal wraps them, not the source."""
+    if not text:
+        return text
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
+
+
+class Command(TyperCommand):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _reflow(self.help)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _reflow(self.help)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain(super().get_params(ctx))
+
+
+def _typer(help: str, **kwargs: Any) -> typer.Typer:
+    return typer.Typer(cls=Group, help=help, no_args_is_help=True, add_completion=False,
+                       pretty_exceptions_enable=False, **kwargs)
+
+
+cli = _typer("Run and operate task-graph sagas on Celery.", name="sagas")
+db_cli = _typer("The saga store's schema.")
+outbox_cli = _typer("The outbox of saga lifecycle events.")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(outbox_cli, name="outbox")
 
+
+def command(app: typer.Typer, name: str, **kwargs: Any) -> Callable[[F], F]:
+    """``app.command`` with this CLI's help (no Python type tags)."""
+    return app.command(name, cls=Command, **kwargs)
+
+
 out = Console()
 err = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_FAILURE = 1
 EXIT_NOT_FOUND = 2
@@ -163,7 +231,8 @@ def _version() -> str:
 def root(
     ctx: typer.Context,
     app: Annotated[str | None, typer.Option(
-        "-A", "--app", help="The application: module[:attribute] (default: $SAGAS_APP)",
+        "-A", "--app", metavar="MODULE",
+        help="The application: module[:attribute] (default: $SAGAS_APP)",
         show_default=False,
     )] = None,
     show_version: Annotated[bool, typer.Option(
@@ -197,33 +266,74 @@ def styled(state: str) -> str:
 
 
 # --- commands -----------------------------------------------------------------------------------
-@db_cli.command("upgrade")
+SagaId = Annotated[str, typer.Argument(
+    metavar="ID", help="The saga's id, or its unique beginning (8 characters usually do)",
+    show_default=False,
+)]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
+STATES = ", ".join(SagaState)
+
+
+def _saga_state(value: str | None) -> str | None:
+    """``--state``: any case; a wrong one exits 2 naming every valid state."""
+    if value is None:
+        return None
+    try:
+        return str(SagaState(value.upper()))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a saga state: one of {STATES}") from None
+
+
+def _at_least(floor: int) -> Callable[[int | None], int | None]:
+    """A bound checked by the command (Typer would print ``[x>=1]`` in the help)."""
+
+    def check(value: int | None) -> int | None:
+        if value is not None and value < floor:
+            raise typer.BadParameter(f"{value} is less than {floor}")
+        return value
+
+    return check
+
+
+@contextmanager
+def working(message: str) -> Iterator[None]:
+    """A spinner on stderr while a command that may take a while works (a terminal only: piped
+    output stays the command's own lines)."""
+    if not err.is_terminal:
+        yield
+        return
+    with err.status(message):
+        yield
+
+
+@command(db_cli, "upgrade")
 @operator_errors
 def db_upgrade() -> None:
     """Create or migrate the engine's own tables (never the application's)."""
     current = engine()
-    current.upgrade_schema()
-    err.print(f"saga tables up to date at {current.settings.database_url}", highlight=False)
+    with working("migrating the saga store"):
+        current.upgrade_schema()
+    err.print(f"saga tables up to date at {current.settings.database_url}", highlight=False,
+              soft_wrap=True)
 
 
-@cli.command("graph")
+@command(cli, "graph")
 @operator_errors
 def graph(
-    name: Annotated[str, typer.Argument(help="The saga's name")],
-    mermaid: Annotated[bool, typer.Option("--mermaid", help="Print a Mermaid flowchart")] = False,
+    name: Annotated[str, typer.Argument(
+        metavar="NAME", help="The saga's name, as `sagas list` shows it", show_default=False)],
+    mermaid: Annotated[bool, typer.Option(
+        "--mermaid", help="Print a Mermaid flowchart instead of text")] = False,
 ) -> None:
-    """Print a saga's step graph."""
+    """Print a saga's step graph (an unknown name exits 2)."""
     saga = engine().saga(name)
     print(saga.render_mermaid() if mermaid else saga.render_text())
 
 
-@cli.command("show")
+@command(cli, "show")
 @operator_errors
-def show(
-    saga_id: Annotated[str, typer.Argument(help="The saga's id")],
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
-) -> None:
-    """Show one saga: state, steps, context and history (an id, or its unique beginning)."""
+def show(saga_id: SagaId, as_json: AsJson = False) -> None:
+    """Show one saga: state, steps, its input and step results, and its history."""
     store = engine().store
     view = store.get_view(store.resolve_id(saga_id))
     if as_json:
@@ -234,7 +344,7 @@ def show(
     if view["error"]:
         out.print(f"error: {view['error']}", markup=False)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("step", overflow="fold")
+    table.add_column("step", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("tries", no_wrap=True)
     table.add_column("undos", no_wrap=True)
@@ -248,34 +358,40 @@ def show(
     for step_name, result in view["context"]["results"].items():
         out.print(f"result of {step_name}: " + json.dumps(result, default=str), markup=False,
                   highlight=False, soft_wrap=True)
+    # Step names and states are whole; below 120 columns the errors (already in the table
+    # above and on the saga's line) give way rather than fold into a column of syllables.
+    wide = out.width >= 120
     history = Table(title="history (UTC)", box=box.SIMPLE_HEAD, pad_edge=False)
-    history.add_column("at", no_wrap=True)
-    history.add_column("step", overflow="fold")
-    history.add_column("from", no_wrap=True)
-    history.add_column("to", no_wrap=True)
-    history.add_column("#", no_wrap=True)
-    history.add_column("error", overflow="fold")
+    for column in ("at", "step", "from", "to", "#"):
+        history.add_column(column, no_wrap=True)
+    if wide:
+        history.add_column("error", overflow="fold")
     for e in view["events"]:
-        history.add_row((e["at"] or "")[11:23], e["step"] or "(saga)", e["from_state"] or "",
-                        e["to_state"], str(e["attempt"]), e["error"] or "")
+        cells = [(e["at"] or "")[11:23], e["step"] or "(saga)", e["from_state"] or "",
+                 e["to_state"], str(e["attempt"])]
+        history.add_row(*cells, *([e["error"] or ""] if wide else []))
     out.print(history)
 
 
-@cli.command("list")
+@command(cli, "list")
 @operator_errors
 def list_sagas(
-    state: Annotated[SagaState | None, typer.Option(
-        help="Only sagas in this state", case_sensitive=False, show_default=False)] = None,
-    name: Annotated[str | None, typer.Option(help="Only sagas with this name")] = None,
+    state: Annotated[str | None, typer.Option(
+        metavar="STATE", callback=_saga_state, show_default=False,
+        help=f"Only sagas in this state: {STATES} (any case)")] = None,
+    name: Annotated[str | None, typer.Option(
+        metavar="NAME", help="Only sagas with this name", show_default=False)] = None,
     version: Annotated[int | None, typer.Option(
-        help="Only sagas running on this definition version", min=1, show_default=False)] = None,
-    limit: Annotated[int, typer.Option(help="Most sagas to list")] = 50,
-    offset: Annotated[int, typer.Option(help="Sagas to skip first")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+        metavar="N", callback=_at_least(1), show_default=False,
+        help="Only sagas started on this version of their definition")] = None,
+    limit: Annotated[int, typer.Option(metavar="N", help="Most sagas to list")] = 50,
+    offset: Annotated[int, typer.Option(
+        metavar="N", help="Sagas to skip first (the next page)")] = 0,
+    as_json: AsJson = False,
 ) -> None:
-    """List sagas, newest first."""
+    """List sagas, newest first; whole ids and states at any width."""
     rows, total = engine().store.list_sagas(
-        state=str(state) if state else None, name=name, version=version, limit=limit, offset=offset
+        state=state, name=name, version=version, limit=limit, offset=offset
     )
     if as_json:
         print_json({"total": total, "items": rows})
@@ -286,7 +402,7 @@ def list_sagas(
     table = Table(title=f"{total} sagas", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("id", no_wrap=True, min_width=36)
     table.add_column("state", no_wrap=True)
-    table.add_column("saga", overflow="fold")
+    table.add_column("saga", no_wrap=True)
     if wide:
         table.add_column("created (UTC)", no_wrap=True)
     table.add_column("error", overflow="fold")
@@ -298,11 +414,9 @@ def list_sagas(
     out.print(table)
 
 
-@cli.command("versions")
+@command(cli, "versions")
 @operator_errors
-def versions(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
-) -> None:
+def versions(as_json: AsJson = False) -> None:
     """Saga versions in use, with their in-flight counts: an old one with none can go."""
     found = engine().versions()
     if as_json:
@@ -337,31 +451,33 @@ def _operate(saga_id: str, act: Callable[[Sagas, str], Decision]) -> None:
     out.print(f"saga {saga_id}: {styled(state)}{note}")
 
 
-@cli.command("retry")
+@command(cli, "retry")
 @operator_errors
-def retry(saga_id: Annotated[str, typer.Argument(help="The saga's id")]) -> None:
+def retry(saga_id: SagaId) -> None:
     """Resume a COMPENSATION_FAILED saga, or re-drive a stalled one."""
     _operate(saga_id, lambda current, found: current.retry(found))
 
 
-@cli.command("cancel")
+@command(cli, "cancel")
 @operator_errors
-def cancel(saga_id: Annotated[str, typer.Argument(help="The saga's id")]) -> None:
+def cancel(saga_id: SagaId) -> None:
     """Cancel a running saga: its succeeded steps are compensated."""
     _operate(saga_id, lambda current, found: current.cancel(found))
 
 
-@cli.command("recover")
+@command(cli, "recover")
 @operator_errors
 def recover(
     limit: Annotated[int | None, typer.Option(
-        help="Most sagas to re-drive (default: RECOVERY_BATCH)", show_default=False)] = None,
+        metavar="N", show_default=False,
+        help="Most sagas to re-drive (default: the RECOVERY_BATCH setting, 500)")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="List what would be re-driven, change nothing")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Re-drive sagas that made no progress past their deadline (safe beside beat's run)."""
-    report = engine().recover(limit=limit, dry_run=dry_run)
+    with working("looking for stalled sagas"):
+        report = engine().recover(limit=limit, dry_run=dry_run)
     if as_json:
         print_json(report.as_dict())
     else:
@@ -370,15 +486,17 @@ def recover(
         raise typer.Exit(EXIT_FAILURE)
 
 
-@cli.command("audit")
+@command(cli, "audit")
 @operator_errors
 def audit(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     no_idle: Annotated[bool, typer.Option(
         "--no-idle", help="Sagas may still be running: do not flag live ones")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Check the engine's invariants on every saga in the store, then the app's own checks."""
-    report = run_audit(engine(), idle=not no_idle)
+    current = engine()
+    with working("auditing every saga in the store"):
+        report = run_audit(current, idle=not no_idle)
     if as_json:
         print_json(report.as_dict())
     else:
@@ -390,20 +508,27 @@ def audit(
         raise typer.Exit(EXIT_FAILURE)
 
 
-@cli.command("relay")
+@command(cli, "relay")
 @operator_errors
 def relay(
     batch: Annotated[int | None, typer.Option(
-        help="Rows claimed per batch (default: SAGAS_OUTBOX_BATCH)", show_default=False)] = None,
+        metavar="N", show_default=False,
+        help="Log rows per batch (default: the SAGAS_OUTBOX_BATCH setting, 100)")] = None,
     interval: Annotated[float | None, typer.Option(
-        help="Idle poll interval in seconds (default: SAGAS_OUTBOX_INTERVAL)",
-        show_default=False)] = None,
-    lease: Annotated[float, typer.Option(help="SQLite claim lease in seconds")] = 30.0,
+        metavar="SECONDS", show_default=False,
+        help="Pause between polls when idle (default: the SAGAS_OUTBOX_INTERVAL setting, "
+        "0.5)")] = None,
+    lease: Annotated[float, typer.Option(
+        metavar="SECONDS",
+        help="How long this relay holds the cursor between passes; another relay takes over "
+        "once it lapses")] = 30.0,
     throttle: Annotated[float, typer.Option(
-        help="Pause after each publish in seconds (gentle backfills)")] = 0.0,
-    once: Annotated[bool, typer.Option("--once", help="One batch, then exit")] = False,
+        metavar="SECONDS", help="Pause after each publish (a gentle backfill)")] = 0.0,
+    once: Annotated[bool, typer.Option(
+        "--once", help="Publish one batch, print how many, and exit")] = False,
 ) -> None:
-    """Publish outbox events to the sagas.events exchange until stopped."""
+    """Publish the saga log's lifecycle events to the sagas.events exchange until stopped
+    (Ctrl-C)."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     worker = engine().relay(batch=batch, lease=lease, throttle=throttle)
@@ -416,40 +541,107 @@ def relay(
     worker.run(stop, interval)
 
 
-@outbox_cli.command("stats")
+@command(outbox_cli, "stats")
 @operator_errors
-def outbox_stats(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
-) -> None:
-    """Outbox rows per status (pending, sent, dead)."""
-    counts = outbox.stats(engine().store)
+def outbox_stats(as_json: AsJson = False) -> None:
+    """How far the relay has published the saga log, and what waits behind it."""
+    stats = outbox.stats(engine().store)
     if as_json:
-        print_json(counts)
+        print_json(stats.as_dict())
         return
-    for status in (PENDING, SENT, DEAD):
-        out.print(f"{status:8} {counts.get(status, 0)}", highlight=False)
+    lease = "none" if stats.owner is None else f"{stats.owner} until {stats.lease_until}"
+    out.print(f"position {stats.position} of {stats.newest}", highlight=False)
+    out.print(f"pending  {stats.pending} log rows", highlight=False)
+    out.print(f"lease    {lease}", highlight=False, soft_wrap=True)
 
 
-@outbox_cli.command("requeue-dead")
-@operator_errors
-def outbox_requeue_dead() -> None:
-    """Give dead-lettered events another round of attempts (after fixing the broker)."""
-    out.print(f"{outbox.requeue_dead(engine().store)} events requeued", highlight=False)
-
-
-_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True,
-                 "help_option_names": []}
-
-
-@cli.command("bench", context_settings=_PASS_THROUGH)
-def bench(ctx: typer.Context) -> None:
-    """Our saga against a raw Celery chain, same run (from a checkout: bench/; --help)."""
+def _checkout_module(name: str) -> Any:
+    """The bench lives in a checkout of this repository (bench/), not in the wheel: imported
+    only when ``sagas bench`` runs, from the current directory."""
     _cwd_on_path()
     try:
-        bench_run = importlib.import_module("bench.run")
+        return importlib.import_module(name)
     except ImportError:
         raise fail("sagas bench runs from a checkout of the sagas repository (bench/)") from None
-    raise typer.Exit(bench_run.main(list(ctx.args)) or 0)
+
+
+_THROUGHPUT_ONLY = ("n", "failure_n", "repeat", "idle", "warmup", "redis_url",
+                    "use_running_workers", "no_failure", "quick", "keep")
+"""Options of the throughput bench that ``--in-flight`` has no use for."""
+
+
+@command(cli, "bench")
+def bench(
+    ctx: typer.Context,
+    n: Annotated[int, typer.Option(
+        "-n", "--n", metavar="N", callback=_at_least(1), help="Sagas per variant and run")] = 2000,
+    failure_n: Annotated[int | None, typer.Option(
+        metavar="N", callback=_at_least(0), show_default=False,
+        help="Sagas per failure-path run (default: -n)")] = None,
+    repeat: Annotated[int, typer.Option(
+        metavar="N", callback=_at_least(1), help="Interleaved repetitions")] = 3,
+    idle: Annotated[int, typer.Option(
+        metavar="N", callback=_at_least(0),
+        help="Idle-latency samples per variant and repetition")] = 50,
+    warmup: Annotated[int, typer.Option(
+        metavar="N", callback=_at_least(0), help="Untimed sagas per variant first")] = 20,
+    concurrency: Annotated[int, typer.Option(
+        metavar="N", callback=_at_least(1), help="Prefork processes of the bench's worker")] = 2,
+    in_flight: Annotated[int | None, typer.Option(
+        metavar="N", callback=_at_least(1), show_default=False,
+        help="Instead: N sagas in flight at once; store size, the reconciler's query plan, "
+        "worker memory")] = None,
+    database_url: Annotated[str | None, typer.Option(
+        metavar="URL", show_default=False,
+        help="SQLAlchemy URL of the saga store (default: a private SQLite file)")] = None,
+    redis_url: Annotated[str | None, typer.Option(
+        metavar="URL", show_default=False,
+        help="Broker to use (default: a private redis-server on a free port)")] = None,
+    use_running_workers: Annotated[bool, typer.Option(
+        "--use-running-workers",
+        help="Start no worker: use the bench workers already serving --redis-url and "
+        "--database-url (no CPU or SQL figures)")] = False,
+    no_failure: Annotated[bool, typer.Option(
+        "--no-failure", help="Skip the failure path")] = False,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="A smoke-test run: N=50, one repetition, 10 idle samples")] = False,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", metavar="FILE", show_default=False,
+        help="Also write every figure to this file as JSON")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        metavar="SECONDS", show_default=False,
+        help="Give up when no saga finishes for this long (default: 120; with --in-flight, "
+        "the whole drain's limit, default 1800)")] = None,
+    keep: Annotated[bool, typer.Option(
+        "--keep", help="Keep the temporary directory (the worker's log)")] = False,
+) -> None:
+    """Our saga against a raw Celery chain of the same tasks, in the same run.
+
+    Runs from a checkout of this repository (bench/) on its own app: no -A needed. Everything is
+    private unless named: a redis-server on a free port, a SQLite file, one prefork worker.
+    """
+    if use_running_workers and not (redis_url and database_url):
+        raise typer.BadParameter("it needs --redis-url and --database-url",
+                                 param_hint="--use-running-workers")
+    if in_flight is not None:
+        given = [name for name in _THROUGHPUT_ONLY
+                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise typer.BadParameter(f"the in-flight study takes no {flags}",
+                                     param_hint="--in-flight")
+        scale = _checkout_module("bench.scale")
+        raise typer.Exit(scale.main(scale.ScaleOptions(
+            in_flight=in_flight, database_url=database_url, concurrency=concurrency,
+            timeout=timeout or 1800.0, json_path=json_path,
+        )))
+    run = _checkout_module("bench.run")
+    raise typer.Exit(run.main(run.Options(
+        n=n, failure_n=failure_n, repeat=repeat, idle=idle, warmup=warmup,
+        concurrency=concurrency, database_url=database_url, redis_url=redis_url,
+        use_running_workers=use_running_workers, no_failure=no_failure, quick=quick,
+        json_path=json_path, timeout=timeout or 120.0, keep=keep,
+    )))
 
 
 def main() -> None:

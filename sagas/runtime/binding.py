@@ -42,7 +42,7 @@ class Binding:
                 store = self._stores.get(url)
                 if store is None:
                     store = Store(
-                        url, echo=self.settings.sql_echo, outbox=self.settings.sagas_outbox,
+                        url, echo=self.settings.sql_echo,
                         step_order=self._step_order,
                     )
                     self._stores[url] = store

@@ -118,16 +118,14 @@ class SagaHandle:
 def read_outcomes(binding: Binding, saga_ids: Sequence[str]) -> dict[str, SagaOutcome]:
     """The outcomes of many sagas in two queries; ids never recorded are absent."""
     store = binding.store
-    sagas, steps = store.read_outcomes(saga_ids)
     out: dict[str, SagaOutcome] = {}
-    for saga in sagas:
-        rows = {str(r.name): r for r in steps.get(str(saga.id), [])}
-        order = store.ordered_steps(str(saga.name), int(saga.definition_version), list(rows))
-        out[str(saga.id)] = SagaOutcome(
-            id=str(saga.id), name=str(saga.name), state=SagaState(saga.state), error=saga.error,
+    for saga_id, snap in store.read_outcomes(saga_ids).items():
+        order = store.ordered_steps(snap.name, snap.version, list(snap.steps))
+        out[saga_id] = SagaOutcome(
+            id=saga_id, name=snap.name, state=snap.state, error=snap.error,
             steps={
-                n: StepOutcome(n, StepState(rows[n].state), rows[n].result, rows[n].error,
-                               int(rows[n].attempts), int(rows[n].compensation_attempts))
+                n: StepOutcome(n, snap.steps[n].state, snap.steps[n].result, snap.steps[n].error,
+                               snap.steps[n].attempts, snap.steps[n].compensation_attempts)
                 for n in order
             },
         )

@@ -24,11 +24,11 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
-from sagas.coordinator import DeadlinePassed, Event, IgnoreKind, Redrive
+from sagas.coordinator import DeadlinePassed, Event, Ignored, IgnoreKind, Redrive, SagaSnapshot
 from sagas.errors import OutageKind, StoreUnavailableError, outage_of
 from sagas.runtime.binding import Binding
 from sagas.runtime.dispatch import RECOVER_TASK
-from sagas.runtime.transitions import apply_event
+from sagas.runtime.transitions import apply_event, stall_deadline
 from sagas.settings import SagaSettings
 from sagas.states import SagaState
 from sagas.store.sql import sagas_t, utcnow
@@ -61,7 +61,8 @@ def beat_entry(settings: SagaSettings) -> dict[str, Any]:
 class RecoveryReport:
     """What one reconciler run found and did."""
 
-    stalled: int = 0
+    stalled: int = 0  # past their deadline with work in flight that made no progress
+    rescheduled: int = 0  # past the saga row's deadline, but busy: looked at again later
     redriven: list[str] = field(default_factory=list)
     deadline_compensated: list[str] = field(default_factory=list)
     skipped: int = 0  # fresh again under the lock (another reconciler won) or nothing to do
@@ -75,7 +76,8 @@ class RecoveryReport:
         return (
             f"recovery: {self.stalled} stalled, {verb} {len(self.redriven)}, "
             f"{len(self.deadline_compensated)} past their deadline compensating, "
-            f"{self.skipped} skipped, {len(self.errors)} errors; "
+            f"{self.skipped} skipped, {len(self.errors)} errors, "
+            f"{self.rescheduled} busy (looked at later); "
             f"most overdue {self.max_overdue_s:.1f}s; took {self.duration_s:.2f}s"
         )
 
@@ -112,31 +114,49 @@ def overdue_sagas(conn: Connection, now: datetime, limit: int) -> list[str]:
     return [str(r.id) for r in rows]
 
 
-Precondition = Callable[[Connection], str | None]
+Precondition = Callable[[Connection, SagaSnapshot], Ignored | None]
 
 
-def _still_stalled(saga_id: str, now: datetime) -> Precondition:
-    def check(conn: Connection) -> str | None:
-        row = conn.execute(
-            select(sagas_t.c.stall_deadline).where(sagas_t.c.id == saga_id)
-        ).first()
-        if row is None or row.stall_deadline is None:
-            return "no work in flight any more"
-        if _aware(row.stall_deadline) >= now:
-            return "made progress or was re-driven meanwhile"
+def _still_stalled(binding: Binding, now: datetime, report: RecoveryReport) -> Precondition:
+    """Re-drive only what is really overdue, read from the log under the saga's lock.
+
+    The saga row's deadline is written with the saga's own state changes, not by every step
+    (a step's success writes one log row and nothing else), so a saga past it may have moved on:
+    its real deadline is worked out from the steps in flight, and when it lies ahead the row is
+    moved there and nothing is re-driven.
+    """
+
+    def check(conn: Connection, snap: SagaSnapshot) -> Ignored | None:
+        due = stall_deadline(binding.settings, binding.find(snap.name, snap.version), snap)
+        if due is None:
+            return Ignored(IgnoreKind.PRECONDITION, "no work in flight any more")
+        if due >= now:
+            binding.store.move_deadline(conn, snap.id, due)
+            return Ignored(IgnoreKind.NOT_DUE, f"made progress; due again at {due.isoformat()}")
+        report.max_overdue_s = max(report.max_overdue_s, (now - due).total_seconds())
         return None
 
     return check
 
 
 def _still_overdue(saga_id: str, now: datetime) -> Precondition:
-    def check(conn: Connection) -> str | None:
+    def check(conn: Connection, snap: SagaSnapshot) -> Ignored | None:
         row = conn.execute(select(sagas_t.c.deadline_at).where(sagas_t.c.id == saga_id)).first()
         if row is None or row.deadline_at is None or _aware(row.deadline_at) >= now:
-            return "deadline no longer passed"
+            return Ignored(IgnoreKind.PRECONDITION, "deadline no longer passed")
         return None
 
     return check
+
+
+def _really_stalled(binding: Binding, candidates: list[str], now: datetime) -> list[str]:
+    """Of sagas past their row's deadline, those whose work in flight is really overdue."""
+    found = []
+    for saga_id, snap in binding.store.read_outcomes(candidates).items():
+        due = stall_deadline(binding.settings, binding.find(snap.name, snap.version), snap)
+        if due is not None and due < now:
+            found.append(saga_id)
+    return found
 
 
 def _forget_deadline(binding: Binding, saga_id: str) -> None:
@@ -162,17 +182,16 @@ def recover_stalled(
     with store.read() as conn:
         overdue = overdue_sagas(conn, now, limit)
         stalled = stalled_sagas(conn, now, limit)
-    report.stalled = len(stalled)
-    if stalled:
-        report.max_overdue_s = max((now - deadline).total_seconds() for _, deadline in stalled)
     if dry_run:
-        report.redriven = [saga_id for saga_id, _ in stalled]
+        report.redriven = _really_stalled(binding, [saga_id for saga_id, _ in stalled], now)
+        report.stalled = len(report.redriven)
+        report.rescheduled = len(stalled) - report.stalled
         report.deadline_compensated = overdue
         report.duration_s = time.monotonic() - started
         return report
     work: list[tuple[str, Event, Precondition]] = [
         (saga_id, DeadlinePassed(), _still_overdue(saga_id, now)) for saga_id in overdue
-    ] + [(saga_id, Redrive(), _still_stalled(saga_id, now)) for saga_id, _ in stalled]
+    ] + [(saga_id, Redrive(), _still_stalled(binding, now, report)) for saga_id, _ in stalled]
     for saga_id, event, precondition in work:
         try:
             decision = apply_event(binding, saga_id, event, precondition=precondition)
@@ -186,12 +205,18 @@ def recover_stalled(
                 break
             continue
         if decision.ignored is not None:
+            if decision.ignored.kind is IgnoreKind.NOT_DUE:
+                report.rescheduled += 1
+                continue
+            if decision.ignored.kind is not IgnoreKind.PRECONDITION and isinstance(event, Redrive):
+                report.stalled += 1
             report.skipped += 1
             if decision.ignored.kind is IgnoreKind.PAST_PIVOT:
                 _forget_deadline(binding, saga_id)
         elif isinstance(event, DeadlinePassed):
             report.deadline_compensated.append(saga_id)
         else:
+            report.stalled += 1
             report.redriven.append(saga_id)
             log.warning("saga %s made no progress past its deadline: re-driven (%s)", saga_id,
                         ", ".join(f"{d.step}:{d.phase}#{d.attempt}" for d in decision.dispatches))

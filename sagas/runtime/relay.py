@@ -1,48 +1,56 @@
-"""Transactional outbox: saga lifecycle events, written with the transition, relayed to a broker.
+"""The outbox relay: publishes the saga log's lifecycle events to a broker, in log order.
 
-The store adds one batched INSERT to the transaction that records a transition, only when the
-transition is a lifecycle event (saga started, step succeeded or failed, compensation done, saga
-completed, compensated or parked). So an event exists if and only if its transition committed.
+The log is the outbox (``sagas.store.outbox``): the relay keeps a cursor, the last log position
+it published, in ``saga_relay_cursor``, reads the rows after it, publishes each row's events
+and moves the cursor. At least once: a relay that dies before moving the cursor leaves those
+rows to be sent again (consumers drop duplicates by event id).
 
-The relay publishes pending rows to the kombu topic exchange ``sagas.events`` with routing key
-``<saga>.<event>`` (``order.step.succeeded``), at least once: a relay that dies mid-batch leaves
-its rows pending and another relay sends them again, so consumers drop duplicates by the
-event's ``id``. On PostgreSQL the batch is claimed ``FOR UPDATE SKIP LOCKED`` (several relays
-share the work; a dead relay's locks vanish with its connection); on SQLite, whose writers
-serialise, the batch is leased for a while instead, so the engine never waits on a publish.
-A failed publish is retried with exponential backoff; after N attempts the row is ``dead``.
+Several relays may run (one per host for availability): the one holding the cursor's lease
+publishes, the others wait for it to lapse. A relay renews its lease each pass and moves the
+cursor only while it holds it, so two relays never publish the same rows, whatever the database.
+On PostgreSQL sequence numbers are not handed out in commit order, so the log is read in order
+of the writing transaction's id, and only rows of transactions older than every one still open
+(``pg_snapshot_xmin``): a row that commits late is never skipped. On SQLite writers take turns,
+so sequence order is commit order.
 
-Run it: ``sagas -A yourapp relay`` (the Procfile's ``relay`` entry).
+A failed publish is retried with exponential backoff; nothing is dropped. Run it:
+``sagas -A yourapp relay`` (the Procfile's ``relay`` entry).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kombu import Connection as KombuConnection  # type: ignore[attr-defined]
 from kombu import Exchange  # type: ignore[attr-defined]
-from sqlalchemy import Connection, delete, func, inspect, select, update
+from sqlalchemy import Connection, func, insert, inspect, literal_column, or_, select, update
 
 from sagas.settings import SagaSettings
-from sagas.store.outbox import DEAD, EXCHANGE, PENDING, SENT, outbox_t
+from sagas.store.log import entry_of
+from sagas.store.outbox import EXCHANGE, cursor_t, events_of
+from sagas.store.sql import Store, log_t, sagas_t
 
-__all__ = [
-    "DEAD", "PENDING", "SENT", "KombuPublisher", "Relay", "outbox_t", "requeue_dead", "stats",
-]
-from sagas.store.sql import Store
+__all__ = ["KombuPublisher", "Relay", "RelayStats", "stats"]
 
 log = logging.getLogger("sagas.relay")
+
+DEFAULT_CURSOR = "default"
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
 
 Publisher = Callable[[dict[str, Any]], None]
 
@@ -82,8 +90,26 @@ class KombuPublisher:
         self._conn = self._producer = None
 
 
+@dataclass(frozen=True)
+class RelayStats:
+    """Where the relay is: its cursor, what waits behind it, who holds the lease."""
+
+    position: int
+    pending: int  # log rows written after the cursor (their events are not yet published)
+    newest: int
+    owner: str | None
+    lease_until: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "position": self.position, "pending": self.pending, "newest": self.newest,
+            "owner": self.owner,
+            "lease_until": None if self.lease_until is None else self.lease_until.isoformat(),
+        }
+
+
 class Relay:
-    """Moves pending outbox rows to the broker; safe to run several at once."""
+    """Moves the log's lifecycle events to the broker; safe to run several at once."""
 
     def __init__(
         self,
@@ -92,35 +118,35 @@ class Relay:
         publisher: Publisher | None = None,
         *,
         batch: int | None = None,
-        max_attempts: int | None = None,
         backoff: float = 1.0,
-        backoff_max: float = 300.0,
+        backoff_max: float = 60.0,
         lease: float = 30.0,
         throttle: float = 0.0,
-        retention: float | None = None,
+        name: str = DEFAULT_CURSOR,
+        owner: str | None = None,
     ) -> None:
         if publisher is None:
             publisher = KombuPublisher(settings.outbox_broker_url)
         self.store = store
         self.publisher = publisher
         self.batch = batch or settings.sagas_outbox_batch
-        self.max_attempts = max_attempts or settings.sagas_outbox_max_attempts
         self.backoff, self.backoff_max = backoff, backoff_max
         self.lease = lease
         self.throttle = throttle
-        self.retention = settings.sagas_outbox_retention if retention is None else retention
         self.interval = settings.sagas_outbox_interval
-        self._last_cleanup = 0.0
+        self.name = name
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.failures = 0
 
     def _wait_for_schema(self, stop: threading.Event, interval: float) -> bool:
-        """Before ``sagas db upgrade`` has run, wait for the outbox table, saying so once.
+        """Before ``sagas db upgrade`` has run, wait for the cursor table, saying so once.
 
         Returns False when stopped first. An unreachable database is the pass's own business.
         """
         told = False
         while not stop.is_set():
             try:
-                if inspect(self.store.engine).has_table(outbox_t.name):
+                if inspect(self.store.engine).has_table(cursor_t.name):
                     if told:
                         log.info("the saga tables are there: relaying")
                     return True
@@ -134,102 +160,111 @@ class Relay:
             stop.wait(max(interval, 0.5))
         return False
 
-    def delay(self, attempts: int) -> float:
-        """Backoff before the next try after ``attempts`` failed ones (jittered)."""
-        ceiling = min(self.backoff_max, self.backoff * 2 ** max(0, attempts - 1))
+    def delay(self, failures: int) -> float:
+        """Backoff before the next try after ``failures`` failed passes (jittered)."""
+        ceiling = min(self.backoff_max, self.backoff * 2 ** max(0, failures - 1))
         return random.uniform(ceiling / 2, ceiling)
 
-    def _claim_query(self, now: datetime) -> Any:
-        return (
-            select(outbox_t.c.id, outbox_t.c.event_id, outbox_t.c.saga_id,
-                   outbox_t.c.routing_key, outbox_t.c.payload, outbox_t.c.attempts)
-            .where(outbox_t.c.status == PENDING, outbox_t.c.available_at <= now)
-            .order_by(outbox_t.c.id)
-            .limit(self.batch)
-        )
+    # --- the lease ----------------------------------------------------------------------------
+    def _take_lease(self) -> tuple[int, int] | None:
+        """Take or renew the cursor's lease; its (position, txid) while we hold it, else None."""
+        now = _utcnow()
+        with self.store.begin() as conn:
+            taken = conn.execute(
+                update(cursor_t)
+                .where(
+                    cursor_t.c.name == self.name,
+                    or_(cursor_t.c.owner == self.owner, cursor_t.c.owner.is_(None),
+                        cursor_t.c.lease_until < now),
+                )
+                .values(owner=self.owner, lease_until=now + timedelta(seconds=self.lease))
+            ).rowcount
+            if not taken:
+                exists = conn.execute(
+                    select(cursor_t.c.name).where(cursor_t.c.name == self.name)
+                ).first()
+                if exists is not None:
+                    return None  # another relay holds it
+                conn.execute(insert(cursor_t).values(
+                    name=self.name, position=0, position_txid=0, owner=self.owner,
+                    lease_until=now + timedelta(seconds=self.lease), updated_at=now,
+                ))
+            row = conn.execute(
+                select(cursor_t.c.position, cursor_t.c.position_txid)
+                .where(cursor_t.c.name == self.name)
+            ).one()
+        return int(row.position), int(row.position_txid or 0)
+
+    def release(self) -> None:
+        """Give the lease up (a relay stopping cleanly lets the next one start at once)."""
+        with contextlib.suppress(Exception), self.store.begin() as conn:
+            conn.execute(
+                update(cursor_t)
+                .where(cursor_t.c.name == self.name, cursor_t.c.owner == self.owner)
+                .values(owner=None, lease_until=None)
+            )
+
+    # --- one pass -------------------------------------------------------------------------------
+    def _read(self, conn: Connection, position: int, txid: int) -> list[Any]:
+        columns = (log_t.c.seq, log_t.c.at, log_t.c.cause, log_t.c.step, log_t.c.saga_state,
+                   log_t.c.transitions, log_t.c.result, log_t.c.txid, log_t.c.saga_id,
+                   sagas_t.c.name, sagas_t.c.input)
+        query = select(*columns).join_from(log_t, sagas_t, sagas_t.c.id == log_t.c.saga_id)
+        if self.store.dialect == "postgresql":
+            horizon: Any = literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            query = query.where(
+                or_(log_t.c.txid > txid, (log_t.c.txid == txid) & (log_t.c.seq > position)),
+                log_t.c.txid < horizon,
+            ).order_by(log_t.c.txid, log_t.c.seq)
+        else:
+            query = query.where(log_t.c.seq > position).order_by(log_t.c.seq)
+        return list(conn.execute(query.limit(self.batch)).all())
 
     def run_once(self) -> int:
-        """Publish one batch; returns how many rows it settled (sent, retried or dead)."""
-        done = self._run_locked() if self.store.dialect == "postgresql" else self._run_leased()
-        self._cleanup()
+        """Publish one batch while holding the lease; returns how many log rows it passed."""
+        lease = self._take_lease()
+        if lease is None:
+            return 0
+        position, txid = lease
+        with self.store.read() as conn:
+            rows = self._read(conn, position, txid)
+        if not rows:
+            return 0
+        done = 0
+        last: tuple[int, int] | None = None
+        error: Exception | None = None
+        for row in rows:
+            entry = entry_of(row[:7])
+            try:
+                for event in events_of(entry, str(row.saga_id), row.name, row.input):
+                    self.publisher(event)
+                    if self.throttle:
+                        time.sleep(self.throttle)
+            except Exception as exc:
+                error = exc
+                break
+            done += 1
+            last = (entry.seq, int(row.txid or 0))
+        if last is not None:
+            self._advance(*last)
+        if error is not None:
+            self.failures += 1
+            log.warning("outbox relay: publishing failed after %d rows (%s); retrying in "
+                        "about %.0fs", done, error, self.delay(self.failures))
+            raise error
+        self.failures = 0
         return done
 
-    def _run_locked(self) -> int:
+    def _advance(self, position: int, txid: int) -> None:
         with self.store.begin() as conn:
-            rows = conn.execute(
-                self._claim_query(_utcnow()).with_for_update(skip_locked=True)
-            ).mappings().all()
-            if not rows:
-                return 0
-            sent, failed = self._publish([dict(r) for r in rows])
-            self._record(conn, sent, failed)
-        return len(sent) + len(failed)
-
-    def _run_leased(self) -> int:
-        now = _utcnow()
-        with self.store.begin() as conn:
-            rows = conn.execute(self._claim_query(now)).mappings().all()
-            if not rows:
-                return 0
-            conn.execute(
-                update(outbox_t)
-                .where(outbox_t.c.id.in_([r["id"] for r in rows]))
-                .values(available_at=now + timedelta(seconds=self.lease))
-            )
-        claimed = [dict(r) for r in rows]
-        sent, failed = self._publish(claimed)
-        untried = [r["id"] for r in claimed if r["id"] not in sent and r["id"] not in failed]
-        with self.store.begin() as conn:
-            self._record(conn, sent, failed)
-            if untried:
-                conn.execute(update(outbox_t).where(outbox_t.c.id.in_(untried))
-                             .values(available_at=_utcnow()))
-        return len(sent) + len(failed)
-
-    def _publish(
-        self, rows: Sequence[dict[str, Any]]
-    ) -> tuple[list[int], dict[int, tuple[int, str]]]:
-        sent: list[int] = []
-        failed: dict[int, tuple[int, str]] = {}
-        for row in rows:
-            try:
-                self.publisher(row)
-            except Exception as exc:
-                failed[row["id"]] = (row["attempts"] + 1, f"{type(exc).__name__}: {exc}")
-                log.warning("outbox event %s not published: %s", row["event_id"], exc)
-                break  # the broker is likely down: the rest of the batch waits for next time
-            sent.append(row["id"])
-            if self.throttle:
-                time.sleep(self.throttle)
-        return sent, failed
-
-    def _record(
-        self, conn: Connection, sent: list[int], failed: dict[int, tuple[int, str]]
-    ) -> None:
-        now = _utcnow()
-        if sent:
-            conn.execute(update(outbox_t).where(outbox_t.c.id.in_(sent))
-                         .values(status=SENT, sent_at=now, attempts=outbox_t.c.attempts + 1))
-        for row_id, (attempts, error) in failed.items():
-            dead = attempts >= self.max_attempts
-            if dead:
-                log.error("outbox row %s dead-lettered after %s attempts: %s",
-                          row_id, attempts, error)
-            conn.execute(
-                update(outbox_t).where(outbox_t.c.id == row_id).values(
-                    attempts=attempts, last_error=error, status=DEAD if dead else PENDING,
-                    available_at=now + timedelta(seconds=self.delay(attempts)),
-                )
-            )
-
-    def _cleanup(self) -> None:
-        if self.retention <= 0 or time.monotonic() - self._last_cleanup < 60:
-            return
-        self._last_cleanup = time.monotonic()
-        cutoff = _utcnow() - timedelta(seconds=self.retention)
-        with self.store.begin() as conn:
-            conn.execute(delete(outbox_t).where(outbox_t.c.status == SENT,
-                                                outbox_t.c.sent_at < cutoff))
+            moved = conn.execute(
+                update(cursor_t)
+                .where(cursor_t.c.name == self.name, cursor_t.c.owner == self.owner)
+                .values(position=position, position_txid=txid, updated_at=_utcnow())
+            ).rowcount
+        if not moved:
+            log.warning("outbox relay %s lost its lease mid-batch; the next holder re-sends "
+                        "what this one did not record", self.owner)
 
     def run(self, stop: threading.Event | None = None, interval: float | None = None) -> None:
         """Loop until ``stop`` is set: full batches back to back, idle polls ``interval`` apart."""
@@ -237,30 +272,43 @@ class Relay:
         interval = self.interval if interval is None else interval
         if not self._wait_for_schema(stop, interval):
             return
-        log.info("outbox relay running (batch %s, every %ss when idle)", self.batch, interval)
-        while not stop.is_set():
-            try:
-                done = self.run_once()
-            except Exception as exc:
-                log.warning("outbox relay pass failed: %s", exc)
-                done = 0
-            if done < self.batch:
-                stop.wait(interval)
+        log.info("outbox relay %s running (batch %s, every %ss when idle)", self.owner,
+                 self.batch, interval)
+        try:
+            while not stop.is_set():
+                try:
+                    done = self.run_once()
+                except Exception as exc:
+                    if self.failures == 0:
+                        log.warning("outbox relay pass failed: %s", exc)
+                    stop.wait(self.delay(max(self.failures, 1)))
+                    continue
+                if done < self.batch:
+                    stop.wait(interval)
+        finally:
+            self.release()
 
 
-def requeue_dead(store: Store) -> int:
-    """Give dead-lettered rows another round of attempts (after fixing the broker)."""
-    with store.begin() as conn:
-        result = conn.execute(
-            update(outbox_t).where(outbox_t.c.status == DEAD)
-            .values(status=PENDING, attempts=0, available_at=_utcnow())
-        )
-    return int(result.rowcount or 0)
-
-
-def stats(store: Store) -> dict[str, int]:
+def stats(store: Store, name: str = DEFAULT_CURSOR) -> RelayStats:
+    """The relay's cursor and how many log rows wait behind it (an indexed count)."""
     with store.read() as conn:
-        rows = conn.execute(
-            select(outbox_t.c.status, func.count()).group_by(outbox_t.c.status)
-        ).all()
-    return {r[0]: int(r[1]) for r in rows}
+        cursor = conn.execute(
+            select(cursor_t.c.position, cursor_t.c.position_txid, cursor_t.c.owner,
+                   cursor_t.c.lease_until).where(cursor_t.c.name == name)
+        ).first()
+        position = int(cursor.position) if cursor is not None else 0
+        txid = int(cursor.position_txid or 0) if cursor is not None else 0
+        newest = int(conn.execute(select(func.coalesce(func.max(log_t.c.seq), 0))).scalar_one())
+        pending_q = select(func.count()).select_from(log_t)
+        if store.dialect == "postgresql":
+            pending_q = pending_q.where(
+                or_(log_t.c.txid > txid, (log_t.c.txid == txid) & (log_t.c.seq > position))
+            )
+        else:
+            pending_q = pending_q.where(log_t.c.seq > position)
+        pending = int(conn.execute(pending_q).scalar_one())
+    lease = None
+    if cursor is not None and cursor.lease_until is not None:
+        lease = cursor.lease_until
+        lease = lease if lease.tzinfo is not None else lease.replace(tzinfo=UTC)
+    return RelayStats(position, pending, newest, None if cursor is None else cursor.owner, lease)

@@ -9,52 +9,70 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection
-from sqlalchemy.exc import IntegrityError
 
 from sagas.coordinator import (
+    ACTION,
     CancelRequested,
     Decision,
     Event,
     Ignored,
     IgnoreKind,
+    Redrive,
     RetryRequested,
     SagaSnapshot,
     Started,
     StepSnapshot,
+    StepSucceeded,
     decide,
+    decide_success_alone,
 )
 from sagas.definition import Saga
 from sagas.errors import SagaNotFoundError
 from sagas.observe.listeners import notify, refused_event
 from sagas.runtime.binding import Binding
 from sagas.runtime.dispatch import publish
+from sagas.runtime.message import StepContext
 from sagas.settings import SagaSettings
 from sagas.states import SAGA_SETTLED, SagaState, StepState
+from sagas.store import sql as store_sql
 from sagas.store.sql import deadline_after, input_digest
 
 log = logging.getLogger("sagas")
 
 
-def _stall_deadline(
-    settings: SagaSettings, saga: Saga, snap: SagaSnapshot, decision: Decision
+def stall_deadline(
+    settings: SagaSettings, saga: Saga | None, snap: SagaSnapshot
 ) -> datetime | None:
-    """When recovery should look at this saga if nothing more is heard from it."""
+    """When recovery should look at this saga if nothing more is heard from it.
+
+    Each step in flight is due by the time it was sent, plus the delay it was sent with, plus
+    its time limit (``step_timeout`` when it has none); the saga is due when its last one is.
+    """
     if snap.state in SAGA_SETTLED:
         return None
-    in_flight = [
-        s.name for s in snap.steps.values()
-        if s.state in (StepState.RUNNING, StepState.COMPENSATING)
-    ]
-    limit = max(
-        (saga.steps[n].time_limit or settings.step_timeout for n in in_flight),
-        default=settings.step_timeout,
-    )
-    countdown = max((d.countdown for d in decision.dispatches), default=0.0)
-    return deadline_after(limit + countdown)
+    due: datetime | None = None
+    for step in snap.steps.values():
+        if step.state not in (StepState.RUNNING, StepState.COMPENSATING):
+            continue
+        spec = saga.steps.get(step.name) if saga is not None else None
+        limit = (spec.time_limit if spec is not None else None) or settings.step_timeout
+        sent = step.since or store_sql.utcnow()  # the module's clock: sagas.testing moves it
+        at = sent + timedelta(seconds=limit + step.countdown)
+        due = at if due is None or at > due else due
+    return due
+
+
+def _moved(snap: SagaSnapshot, decision: Decision) -> None:
+    """Steps this decision moved were sent just now (the replay will say so from the log)."""
+    now = store_sql.utcnow()
+    for name in decision.changed_steps:
+        step = snap.steps.get(name)
+        if step is not None:
+            step.since = now
 
 
 def start_saga(
@@ -72,9 +90,6 @@ def start_saga(
     """
     definition = saga if isinstance(saga, Saga) else binding.saga(saga, version)
     payload = definition.validate_input(data)
-    # A freshly generated id without an idempotency key cannot be a duplicate: skip the lookup
-    # (a collision would still fail the primary key and take the IntegrityError path below).
-    fresh = saga_id is None and idempotency_key is None
     saga_id = saga_id or str(uuid.uuid4())
     # The digest only serves to refuse a reused idempotency key with another payload.
     digest = input_digest(payload) if idempotency_key is not None else None
@@ -84,31 +99,48 @@ def start_saga(
         version=definition.version, fingerprint=definition.fingerprint,
     )
     decision = decide(definition, snap, Started())
-    store = binding.store
+    _moved(snap, decision)
     deadline_at = deadline_after(definition.deadline) if definition.deadline else None
-    try:
-        with store.begin() as conn:
-            existing = (
-                None if fresh else store.find_existing(conn, saga_id, idempotency_key, digest)
-            )
-            if existing is not None:
-                log.info("duplicate start of saga %s ignored", existing)
-                return existing
-            store.insert_new(
-                conn, snap, decision, idempotency_key=idempotency_key, digest=digest,
-                stall_deadline=_stall_deadline(binding.settings, definition, snap, decision),
-                deadline_at=deadline_at,
-            )
-    except IntegrityError:
-        # Lost a race with an identical start: the winner's saga is the saga.
-        with store.begin() as conn:
-            existing = store.find_existing(conn, saga_id, idempotency_key, digest)
-        if existing is None:
-            raise
-        return existing
+    recorded = binding.store.start(
+        snap, decision, idempotency_key=idempotency_key, digest=digest,
+        stall_deadline=stall_deadline(binding.settings, definition, snap),
+        deadline_at=deadline_at,
+    )
+    if recorded != saga_id:
+        log.info("duplicate start of saga %s ignored", recorded)
+        return recorded
     notify(snap, decision, Started())
     (binding.publisher or publish)(binding, definition, snap, decision.dispatches)
     return saga_id
+
+
+def record_success(
+    binding: Binding, saga: Saga, ctx: StepContext, attempt: int, result: Any
+) -> Decision:
+    """A step's success, recorded where it ran, then its consequences published.
+
+    When the graph alone decides what follows (``Saga.success_shape``), one statement records
+    it, refused by the database if the saga stopped running or the success was recorded
+    before; otherwise (or when refused) the success is decided under the saga's lock.
+    """
+    event = StepSucceeded(ctx.step, ctx.phase, result, attempt)
+    if ctx.phase == ACTION:
+        snap = SagaSnapshot(
+            id=ctx.saga_id, name=saga.name, state=SagaState.RUNNING, input=ctx.input,
+            steps={n: StepSnapshot(n, StepState.SUCCEEDED, result=r)
+                   for n, r in ctx.results.items() if n in saga.steps},
+            version=saga.version, fingerprint=saga.fingerprint,
+        )
+        decision = decide_success_alone(saga, snap, ctx.step, attempt, result)
+        if decision is not None:
+            recorded, started_at = binding.store.record_alone(
+                snap, decision, step=ctx.step, fingerprint=saga.fingerprint,
+            )
+            if recorded:
+                notify(snap, decision, event, started_at)
+                (binding.publisher or publish)(binding, saga, snap, decision.dispatches)
+                return decision
+    return apply_event(binding, ctx.saga_id, event)
 
 
 def apply_event(
@@ -116,7 +148,7 @@ def apply_event(
     saga_id: str,
     event: Event,
     *,
-    precondition: Callable[[Connection], str | None] | None = None,
+    precondition: Callable[[Connection, SagaSnapshot], Ignored | None] | None = None,
 ) -> Decision:
     """Apply one event to one saga; duplicates and late callbacks are logged and ignored.
 
@@ -124,6 +156,7 @@ def apply_event(
     the event ignored (racing reconcilers re-check staleness there, so one re-drive wins).
     """
     store = binding.store
+    touch = False
     with store.begin() as conn:
         snap = store.load(conn, saga_id)
         if snap is None:
@@ -136,15 +169,22 @@ def apply_event(
             refused_event(snap.id, snap.name, snap.version, mismatch.kind)
             return Decision(ignored=mismatch)
         assert definition is not None
-        refused = precondition(conn) if precondition is not None else None
-        if refused:
-            decision = Decision(ignored=Ignored(IgnoreKind.PRECONDITION, refused))
+        refused = precondition(conn, snap) if precondition is not None else None
+        if refused is not None:
+            decision = Decision(ignored=refused)
         else:
             decision = decide(definition, snap, event)
         started_at = None
         if decision.changed:
-            deadline = _stall_deadline(binding.settings, definition, snap, decision)
-            started_at = store.save(conn, snap, decision, deadline)
+            _moved(snap, decision)
+            # Recovery's own decisions also move the deadline it found passed.
+            touch = isinstance(event, Redrive | RetryRequested)
+            started_at = store.append(
+                conn, snap, decision, cause=type(event).__name__,
+                subject=getattr(event, "step", None),
+                stall_deadline=stall_deadline(binding.settings, definition, snap),
+                touch=touch,
+            )
     if decision.ignored:
         log.info("saga %s: %s ignored: %s", saga_id, type(event).__name__, decision.ignored)
     notify(snap, decision, event, started_at)  # listeners, after the commit

@@ -24,7 +24,13 @@ from sagas.coordinator import (
     StepRetrying,
     StepSucceeded,
 )
-from sagas.errors import BusinessError, DefinitionError, SagaError, StepOutcomeUnknown
+from sagas.errors import (
+    BusinessError,
+    DefinitionError,
+    SagaError,
+    StepOutcomeUnknown,
+    StoreUnavailableError,
+)
 from sagas.observe.listeners import refused_event
 from sagas.runtime.binding import Binding, binding_of
 from sagas.runtime.dispatch import (
@@ -34,7 +40,7 @@ from sagas.runtime.dispatch import (
     STEP_SUCCEEDED_TASK,
 )
 from sagas.runtime.message import StepContext
-from sagas.runtime.transitions import apply_event, start_saga
+from sagas.runtime.transitions import apply_event, record_success, start_saga
 
 log = logging.getLogger("sagas.worker")
 
@@ -142,17 +148,21 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
             else:
                 retryable = policy.is_transient(exc)
             if retryable and attempt < policy.attempts:
-                decision = apply_event(
-                    binding, saga_id, StepRetrying(ctx.step, phase, attempt + 1, describe(exc))
-                )
-                ignored = decision.ignored
+                countdown = policy.delay(attempt)
+                try:
+                    ignored = apply_event(
+                        binding, saga_id,
+                        StepRetrying(ctx.step, phase, attempt + 1, describe(exc), countdown),
+                    ).ignored
+                except StoreUnavailableError:
+                    ignored = None  # unrecorded; the next attempt's record carries its number
                 if ignored is not None and ignored.kind is not IgnoreKind.ALREADY_RECORDED:
                     log.info("saga %s step %s: no retry: %s", saga_id, ctx.step, ignored)
                     raise
                 # The policy bounds the attempts (checked above); None would mean the task's
                 # max_retries (the worker-lost cap), cutting the policy's last attempts short.
                 raise task.retry(
-                    exc=exc, countdown=policy.delay(attempt), max_retries=policy.attempts
+                    exc=exc, countdown=countdown, max_retries=policy.attempts
                 ) from exc
             uncertain = retryable or isinstance(exc, SoftTimeLimitExceeded)
             if step.pivot and phase == ACTION and uncertain:
@@ -171,7 +181,15 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
     if not ctx.inline:
         return result
     if saga is not None:
-        apply_event(binding, saga_id, StepSucceeded(ctx.step, phase, result))
+        try:
+            record_success(binding, saga, ctx, attempt, result)
+        except StoreUnavailableError:
+            # The effect happened; only its record waits. The outcome goes to the saga queue,
+            # whose task records it once the store answers: never a failed step.
+            task.app.send_task(
+                STEP_SUCCEEDED_TASK, args=(result, saga_id, ctx.step, phase, attempt),
+                queue=binding.settings.saga_queue,
+            )
     else:
         # This process cannot decide for a saga it does not know; the coordinator can.
         task.app.send_task(
@@ -183,7 +201,8 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
 
 # Failures that say nothing about whether the step's effect happened (see StepFailed.definite).
 _INDEFINITE = frozenset({
-    StepOutcomeUnknown.__name__, "WorkerLostError", "TimeLimitExceeded", "Reject",
+    StepOutcomeUnknown.__name__, StoreUnavailableError.__name__, "WorkerLostError",
+    "TimeLimitExceeded", "Reject",
     "ConnectionError", "OperationalError", "TimeoutError", "BackendStoreError",
     "BackendGetMetaError",
 })
@@ -217,15 +236,39 @@ def _failure_of(task: Task, task_id: str) -> str:
 
 
 
+STORE_RETRY_MAX = 30.0
+"""Longest wait (s) between two tries of an engine task while the saga store is down."""
+
+
+def _store_retry(task: Task, exc: StoreUnavailableError) -> Retry:
+    """Hold an engine task's message in the broker until the store answers (backoff, no cap).
+
+    The outage was logged once by the store; Celery's own retry line is enough per task.
+    """
+    countdown = min(STORE_RETRY_MAX, 2.0 ** min(int(task.request.retries or 0), 5))
+    return task.retry(exc=exc, countdown=countdown, max_retries=None)
+
+
 def install(binding: Binding) -> None:
-    """Register the coordinator's tasks on the binding's app, routed to its saga queue."""
+    """Register the coordinator's tasks on the binding's app, routed to its saga queue.
+
+    Each records through the store; while the store cannot be reached the task is retried
+    (its message stays in the broker), so no outcome is lost and none is taken for a failure.
+    """
     app, queue = binding.app, binding.settings.saga_queue
 
-    @app.task(name=STEP_SUCCEEDED_TASK, ignore_result=True, queue=queue, shared=False)  # type: ignore[untyped-decorator]
-    def step_succeeded(result: Any, saga_id: str, step: str, phase: str) -> None:
-        """``link`` target for steps the engine cannot run inline (tasks in other codebases)."""
-        event = StepSucceeded(step, phase, normalize_result(result))  # type: ignore[arg-type]
-        apply_event(binding, saga_id, event)
+    @app.task(name=STEP_SUCCEEDED_TASK, bind=True, ignore_result=True, queue=queue,  # type: ignore[untyped-decorator]
+              shared=False)
+    def step_succeeded(
+        self: Task, result: Any, saga_id: str, step: str, phase: str, attempt: int | None = None
+    ) -> None:
+        """``link`` target for steps the engine cannot run inline (tasks in other codebases),
+        and where a step's worker hands its outcome while the store is down."""
+        event = StepSucceeded(step, phase, normalize_result(result), attempt)  # type: ignore[arg-type]
+        try:
+            apply_event(binding, saga_id, event)
+        except StoreUnavailableError as exc:
+            raise _store_retry(self, exc) from exc
 
     @app.task(name=STEP_FAILED_TASK, bind=True, ignore_result=True, queue=queue, shared=False)  # type: ignore[untyped-decorator]
     def step_failed(
@@ -234,16 +277,23 @@ def install(binding: Binding) -> None:
         """``link_error`` target; ``bind=True`` makes Celery send it as a message, not inline."""
         error = _failure_of(self, task_id)
         failed = StepFailed(step, phase, error, definite=_is_definite(error))  # type: ignore[arg-type]
-        apply_event(binding, saga_id, failed)
+        try:
+            apply_event(binding, saga_id, failed)
+        except StoreUnavailableError as exc:
+            raise _store_retry(self, exc) from exc
 
     @app.task(name=START_TASK, bind=True, ignore_result=True, queue=queue, shared=False)  # type: ignore[untyped-decorator]
     def start(
         self: Task, saga_name: str, data: dict[str, Any], idempotency_key: str | None = None
     ) -> str:
         """Start any registered saga by name; the task id becomes the saga id."""
-        return start_saga(
-            binding, saga_name, data, saga_id=self.request.id, idempotency_key=idempotency_key
-        )
+        try:
+            return start_saga(
+                binding, saga_name, data, saga_id=self.request.id,
+                idempotency_key=idempotency_key,
+            )
+        except StoreUnavailableError as exc:
+            raise _store_retry(self, exc) from exc
 
 
 def unknown_task_report(binding: Binding) -> list[str]:

@@ -8,13 +8,14 @@ orders the parameters and hands them to the driver's cursor, inside the caller's
 transaction (same connection, same BEGIN/COMMIT, same pool). What still goes through SQLAlchemy:
 driver errors are re-raised as SQLAlchemy's exception classes (so ``IntegrityError`` and
 ``OperationalError`` handling is unchanged), a disconnect invalidates the connection, and the
-engine's ``before_cursor_execute`` listeners see every statement (statement counters, tracing).
+engine's ``before_cursor_execute`` and ``after_cursor_execute`` listeners see every statement
+(statement and row counters, tracing).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection
@@ -56,7 +57,7 @@ class Prepared:
         # Literals folded into the statement as bind parameters (``version + 1``).
         self.defaults: dict[str, Any] = {
             name: bind.value for name, bind in compiled.binds.items()
-            if not bind.required and bind.value is not None and not callable(bind.value)
+            if not bind.required and not callable(bind.value)
         }
         self.processors: dict[str, Any] = {}
         for name, bind in compiled.binds.items():
@@ -109,11 +110,13 @@ def execute(
             log.info("%s %r", prepared.sql, bound)
         if many:
             cursor.executemany(prepared.sql, bound)
-            return []
-        cursor.execute(prepared.sql, bound)
-        if cursor.description is None:
-            return []
-        return [prepared.row(r) for r in cursor.fetchall()]
+        else:
+            cursor.execute(prepared.sql, bound)
+        rows = [] if many or cursor.description is None else cursor.fetchall()
+        if conn.dispatch.after_cursor_execute:  # after the fetch: RETURNING's rowcount is known
+            for listener in conn.dispatch.after_cursor_execute:
+                listener(conn, cursor, prepared.sql, bound, None, many)
+        return [prepared.row(r) for r in rows]
     except conn.dialect.loaded_dbapi.Error as exc:
         if conn.dialect.is_disconnect(exc, dbapi_conn, cursor):
             conn.invalidate(exc)
@@ -124,10 +127,41 @@ def execute(
         cursor.close()
 
 
+def count(conn: Connection, prepared: Prepared, params: Params) -> int:
+    """Run one DML statement on the DBAPI cursor; returns the number of rows it wrote."""
+    bound = prepared.bind(params)
+    dbapi_conn = conn.connection.dbapi_connection
+    assert dbapi_conn is not None
+    cursor = dbapi_conn.cursor()
+    try:
+        if conn.dispatch.before_cursor_execute:
+            for listener in conn.dispatch.before_cursor_execute:
+                listener(conn, cursor, prepared.sql, bound, None, False)
+        if conn.engine.echo:
+            log.info("%s %r", prepared.sql, bound)
+        cursor.execute(prepared.sql, bound)
+        if conn.dispatch.after_cursor_execute:
+            for listener in conn.dispatch.after_cursor_execute:
+                listener(conn, cursor, prepared.sql, bound, None, False)
+        return int(cursor.rowcount or 0)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        if conn.dialect.is_disconnect(exc, dbapi_conn, cursor):
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            prepared.sql, bound, exc, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
+        ) from exc
+    finally:
+        cursor.close()
+
+
+Statement = ClauseElement | Callable[[str], ClauseElement]
+"""A Core statement, or a function of the dialect's name that builds one (ON CONFLICT, ...)."""
+
+
 class PreparedSet:
     """Statements of one store, compiled lazily for the dialect of the connection using them."""
 
-    def __init__(self, statements: Mapping[str, tuple[ClauseElement, Sequence[str] | None]]):
+    def __init__(self, statements: Mapping[str, tuple[Statement, Sequence[str] | None]]):
         self._statements = statements
         self._compiled: dict[tuple[str, str], Prepared] = {}
 
@@ -136,6 +170,8 @@ class PreparedSet:
         found = self._compiled.get((dialect.name, key))
         if found is None:
             statement, column_keys = self._statements[key]
+            if not isinstance(statement, ClauseElement):
+                statement = statement(dialect.name)
             found = Prepared(statement, dialect, column_keys)
             self._compiled[(dialect.name, key)] = found
         return found

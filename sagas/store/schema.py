@@ -9,7 +9,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
-    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -85,32 +84,42 @@ class SagaRow(Base):
     )
 
 
-class StepRow(Base):
-    __tablename__ = "saga_steps"
+class LogRow(Base):
+    """One committed decision of a saga (``sagas.store.log``): the truth, the history, the outbox.
 
-    saga_id: Mapped[str] = mapped_column(
-        String(64), ForeignKey("saga_instances.id", ondelete="CASCADE"), primary_key=True
+    No foreign key to ``saga_instances``: every writer checks the saga in the same statement
+    (or holds its lock), and a foreign key would add a lookup to every insert.
+    """
+
+    __tablename__ = "saga_log"
+
+    seq: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    saga_id: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    cause: Mapped[str] = mapped_column(String(32))  # the event: Started, StepSucceeded, ...
+    step: Mapped[str | None] = mapped_column(String(100))  # the step the event was about
+    saga_state: Mapped[str] = mapped_column(String(32))  # the saga's state after the decision
+    transitions: Mapped[list[Any]] = mapped_column(JSON)
+    result: Mapped[Any | None] = mapped_column(JSON)  # the step's result, on its success
+    # Set on decisions that may happen once (start, a success): the unique index refuses a copy.
+    dedupe: Mapped[str | None] = mapped_column(String(120))
+    # PostgreSQL: the writing transaction's id, so the relay reads in commit-safe order.
+    txid: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index("uq_saga_log_saga_id_dedupe", "saga_id", "dedupe", unique=True),
+        Index("ix_saga_log_txid_seq", "txid", "seq").ddl_if(dialect="postgresql"),
     )
-    name: Mapped[str] = mapped_column(String(100), primary_key=True)
-    state: Mapped[str] = mapped_column(String(32))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    compensation_attempts: Mapped[int] = mapped_column(Integer, default=0)
-    result: Mapped[Any | None] = mapped_column(JSON)
-    error: Mapped[str | None] = mapped_column(Text)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
-class EventRow(Base):
-    __tablename__ = "saga_events"
+class RelayCursor(Base):
+    """How far each relay has published the log, and who holds the lease to go on."""
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    saga_id: Mapped[str] = mapped_column(
-        String(64), ForeignKey("saga_instances.id", ondelete="CASCADE"), index=True
-    )
-    step: Mapped[str | None] = mapped_column(String(100))
-    from_state: Mapped[str | None] = mapped_column(String(32))
-    to_state: Mapped[str] = mapped_column(String(32))
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
-    error: Mapped[str | None] = mapped_column(Text)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=db_now())
+    __tablename__ = "saga_relay_cursor"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(BigInteger, default=0)  # last relayed seq
+    position_txid: Mapped[int] = mapped_column(BigInteger, default=0)  # its txid (PostgreSQL)
+    owner: Mapped[str | None] = mapped_column(String(100))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

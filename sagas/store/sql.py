@@ -1,251 +1,207 @@
 """Durable saga state in SQL: the source of truth every decision is read from and written to.
 
-Per transition the store spends one locked read (saga row joined to its steps; on PostgreSQL
-the row lock is its own statement first), one batched
-UPDATE of the changed steps, one batched INSERT of the events, one UPDATE of the saga row, and
-the commit. On SQLite every write transaction is ``BEGIN IMMEDIATE`` (writers serialise, so a
-read-then-write never races); on PostgreSQL the saga row is locked ``FOR UPDATE``.
+Two tables hold a saga: its row in ``saga_instances`` (input, state, deadlines), written when
+the saga starts and again only when the saga's own state changes, and its decisions in
+``saga_log`` (``sagas.store.log``), one row per committed decision. A step's state is the
+replay of the log. What a transition costs, by kind:
+
+- a start: the saga row and its first log row, in one transaction (2 statements);
+- a step's success whose consequence the graph alone decides (``Saga.success_shape``): one
+  ``INSERT ... SELECT`` of its log row that the database itself refuses when the saga is no
+  longer RUNNING (the saga row is read, and on PostgreSQL share-locked, in the same statement)
+  or when the success was recorded before (the unique ``(saga_id, dedupe)`` index): no
+  read-before-write, no saga row write. The saga's last step instead completes it with one
+  conditional ``UPDATE`` of the saga row and its log row;
+- anything else (a join, a failure, a compensation, cancel, retry, recovery): the saga row
+  locked (``BEGIN IMMEDIATE`` on SQLite, ``FOR UPDATE`` on PostgreSQL), its log read and
+  replayed, the decision's log row appended, and the saga row updated when its state changed.
+
+Every decision and its log row commit before anything is published.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import os
-import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Connection,
     Engine,
+    String,
     Table,
     bindparam,
     case,
-    create_engine,
-    event,
     func,
     insert,
+    literal_column,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.sql import ClauseElement
 
-from sagas.coordinator import Decision, SagaSnapshot, StepSnapshot
+from sagas.coordinator import Decision, SagaSnapshot
 from sagas.errors import IdempotencyConflictError, SagaNotFoundError, StoreUnavailableError
 from sagas.states import SAGA_SETTLED, SagaState, StepState
-from sagas.store.outbox import insert_outbox
-from sagas.store.prepared import PreparedSet
+from sagas.store import log as saga_log
+from sagas.store import outages
+from sagas.store.connect import READ_ONLY, get_engine, input_digest, utcnow, writer_lock
+from sagas.store.log import LogEntry, dedupe_key, encode_decision, entry_of
+from sagas.store.prepared import PreparedSet, count
 from sagas.store.prepared import execute as run
-from sagas.store.schema import EventRow, SagaRow, StepRow, db_now
+from sagas.store.schema import LogRow, SagaRow, db_now
+
+__all__ = [
+    "READ_ONLY", "Store", "deadline_after", "get_engine", "input_digest", "log_t", "sagas_t",
+    "utcnow",
+]
 
 sagas_t: Table = SagaRow.__table__  # type: ignore[assignment]
-steps_t: Table = StepRow.__table__  # type: ignore[assignment]
-events_t: Table = EventRow.__table__  # type: ignore[assignment]
+log_t: Table = LogRow.__table__  # type: ignore[assignment]
 
-READ_ONLY = "sagas_read_only"
-"""Execution option of a read transaction: on SQLite it begins without the write lock."""
-
-_engines: dict[tuple[int, str], Engine] = {}
-_engines_lock = threading.Lock()
+_LOG_COLUMNS = ("saga_id", "at", "cause", "step", "saga_state", "transitions", "result", "dedupe")
+_ENTRY_COLUMNS = (log_t.c.seq, log_t.c.at, log_t.c.cause, log_t.c.step, log_t.c.saga_state,
+                  log_t.c.transitions, log_t.c.result)
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+def _txid(dialect: str) -> Any:
+    """The writing transaction's id on PostgreSQL (the relay's commit-safe order), else NULL."""
+    if dialect == "postgresql":
+        return literal_column("pg_current_xact_id()::text::bigint", BigInteger)
+    return None
 
 
-def input_digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+def _insert_log(dialect: str) -> ClauseElement:
+    if dialect == "postgresql":
+        return insert(log_t).values(txid=_txid(dialect))
+    return insert(log_t)
 
 
-def get_engine(url: str, echo: bool = False) -> Engine:
-    """One engine per process and URL: pools must never cross a fork."""
-    key = (os.getpid(), url)
-    engine = _engines.get(key)
-    if engine is None:
-        with _engines_lock:
-            engine = _engines.get(key)
-            if engine is None:
-                engine = _make_engine(url, echo)
-                _engines[key] = engine
-    return engine
+def _insert_log_if_running(dialect: str) -> ClauseElement:
+    """The log row of a success the graph decides, only while the saga runs on this graph.
 
-
-def _make_engine(url: str, echo: bool) -> Engine:
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        engine = create_engine(url, echo=echo, pool_size=5, max_overflow=5)
-        _ping_when_idle(engine)
-        return engine
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(
-        url, echo=echo, poolclass=NullPool if parsed.database == ":memory:" else None,
-        connect_args={"timeout": 60, "check_same_thread": False},
-    )
-
-    @event.listens_for(engine, "connect")
-    def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
-        cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=60000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _sqlite_begin(conn: Connection) -> None:
-        # Writers take the write lock up front (BEGIN IMMEDIATE), so two transitions never
-        # deadlock upgrading a read lock; readers (Store.read) begin deferred and never wait
-        # on, nor block, a writer in WAL mode. On the driver directly: exec_driver_sql cost
-        # ~30 us of bookkeeping per transaction. A timeout still surfaces as OperationalError.
-        statement = "BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE"
-        dbapi_conn = conn.connection.dbapi_connection
-        try:
-            dbapi_conn.execute(statement)  # type: ignore[union-attr]
-        except sqlite3.Error as exc:
-            raise DBAPIError.instance(
-                statement, (), exc, sqlite3.Error, dialect=conn.dialect
-            ) from exc
-
-    return engine
-
-
-PING_AFTER_IDLE = 1.0
-"""Seconds a pooled connection may sit unused before its next checkout pings the server."""
-
-
-def _ping_when_idle(engine: Engine) -> None:
-    """``pool_pre_ping`` costs a round trip per transaction; ping only connections left idle.
-
-    A connection back in use within a second was alive a second ago; an older one is pinged and,
-    if dead, replaced (raising DisconnectionError makes the pool retry with a fresh one). Any
-    disconnect SQLAlchemy detects still invalidates the whole pool.
+    Refused (no row) when the saga is not RUNNING, runs another graph, or the same success is
+    recorded already. On PostgreSQL the saga row is share-locked by the same statement, so a
+    concurrent decision that holds it (cancel, a failure) is either seen whole or waits for us.
     """
-
-    @event.listens_for(engine, "checkin")
-    def _mark_idle(_dbapi_conn: Any, record: Any) -> None:
-        if record is not None:
-            record.info["sagas_idle_since"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _ping(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
-        since = record.info.get("sagas_idle_since")
-        if since is not None and time.monotonic() - since < PING_AFTER_IDLE:
-            return
-        try:
-            cursor = dbapi_conn.cursor()
-            try:
-                cursor.execute("SELECT 1")
-            finally:
-                cursor.close()
-        except Exception as exc:
-            raise DisconnectionError(f"stale pooled connection: {exc}") from exc
-
-
-_UPDATE_STEP = (
-    update(steps_t)
-    .where(steps_t.c.saga_id == bindparam("b_saga_id"), steps_t.c.name == bindparam("b_name"))
-    .values(
-        state=bindparam("b_state"),
-        attempts=bindparam("b_attempts"),
-        compensation_attempts=bindparam("b_comp_attempts"),
-        result=bindparam("b_result", type_=JSON),
-        error=bindparam("b_error"),
-        started_at=func.coalesce(bindparam("b_started_at", type_=steps_t.c.started_at.type),
-                                 steps_t.c.started_at),
-        finished_at=bindparam("b_finished_at", type_=steps_t.c.finished_at.type),
+    guard = (
+        select(
+            bindparam("saga_id", type_=String), bindparam("at", type_=log_t.c.at.type),
+            bindparam("cause", type_=String), bindparam("step", type_=String),
+            bindparam("saga_state", type_=String),
+            bindparam("transitions", type_=JSON), bindparam("result", type_=JSON),
+            bindparam("dedupe", type_=String), *([_txid(dialect)] if dialect == "postgresql"
+                                                 else []),
+        )
+        .select_from(sagas_t)
+        .where(
+            sagas_t.c.id == bindparam("b_saga_id"),
+            sagas_t.c.state == str(SagaState.RUNNING),
+            func.coalesce(sagas_t.c.definition_fingerprint, bindparam("b_fingerprint"))
+            == bindparam("b_fingerprint"),
+        )
     )
-)
+    columns = [*_LOG_COLUMNS, *(["txid"] if dialect == "postgresql" else [])]
+    if dialect == "postgresql":
+        guard = guard.with_for_update(read=True, key_share=True)
+        stmt: Any = postgresql.insert(log_t).from_select(columns, guard)
+    else:
+        stmt = sqlite.insert(log_t).from_select(columns, guard)
+    built: ClauseElement = stmt.on_conflict_do_nothing(index_elements=["saga_id", "dedupe"])
+    return built
 
-# Hot-path statements are built once: building a Core construct and its cache key per call
-# cost more CPU than SQLite spends executing it (py-spy / cProfile, see docs/performance.md).
-_LOAD = (
-    select(
-        sagas_t.c.name, sagas_t.c.state, sagas_t.c.input, sagas_t.c.error,
-        sagas_t.c.definition_version, sagas_t.c.definition_fingerprint,
-        steps_t.c.name.label("step"), steps_t.c.state.label("step_state"),
-        steps_t.c.attempts, steps_t.c.compensation_attempts, steps_t.c.result,
-        steps_t.c.error.label("step_error"),
-    )
-    .join_from(sagas_t, steps_t, steps_t.c.saga_id == sagas_t.c.id)
+
+def _insert_saga(dialect: str) -> ClauseElement:
+    """A new saga row; a duplicate id or idempotency key inserts nothing (no error)."""
+    factory: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    built: ClauseElement = factory(sagas_t).on_conflict_do_nothing()
+    return built
+
+
+_SAGA_STATE = (
+    update(sagas_t)
     .where(sagas_t.c.id == bindparam("b_saga_id"))
+    .values(
+        state=bindparam("b_state"), error=bindparam("b_error"), updated_at=db_now(),
+        stall_deadline=bindparam("b_stall", type_=sagas_t.c.stall_deadline.type),
+    )
+    .returning(sagas_t.c.created_at)
+)
+_COMPLETE_IF_RUNNING = (
+    update(sagas_t)
+    .where(
+        sagas_t.c.id == bindparam("b_saga_id"), sagas_t.c.state == str(SagaState.RUNNING),
+        func.coalesce(sagas_t.c.definition_fingerprint, bindparam("b_fingerprint"))
+        == bindparam("b_fingerprint"),
+    )
+    .values(state=str(SagaState.COMPLETED), updated_at=db_now(), stall_deadline=None)
+    .returning(sagas_t.c.created_at)
 )
 _LOCK = select(sagas_t.c.id).where(sagas_t.c.id == bindparam("b_saga_id")).with_for_update()
+_LOAD_SAGA = select(
+    sagas_t.c.name, sagas_t.c.state, sagas_t.c.input, sagas_t.c.error,
+    sagas_t.c.definition_version, sagas_t.c.definition_fingerprint,
+).where(sagas_t.c.id == bindparam("b_saga_id"))
+_LOAD_LOG = (
+    select(*_ENTRY_COLUMNS).where(log_t.c.saga_id == bindparam("b_saga_id"))
+    .order_by(log_t.c.seq)
+)
 _FIND_BY_ID = select(sagas_t.c.id, sagas_t.c.input_digest).where(
     sagas_t.c.id == bindparam("b_saga_id")
 )
 _FIND_BY_KEY = select(sagas_t.c.id, sagas_t.c.input_digest).where(
     sagas_t.c.idempotency_key == bindparam("b_key")
 )
-_INSERT_SAGA = insert(sagas_t)
-_INSERT_STEPS = insert(steps_t)
-_INSERT_EVENTS = insert(events_t)
-_SAGA_TOUCH = {"updated_at": db_now(), "version": sagas_t.c.version + 1,
-               "stall_deadline": bindparam("b_stall", type_=sagas_t.c.stall_deadline.type)}
-_UPDATE_SAGA = (
-    update(sagas_t).where(sagas_t.c.id == bindparam("b_saga_id")).values(**_SAGA_TOUCH)
-)
-_UPDATE_SAGA_STATE = (
-    update(sagas_t)
-    .where(sagas_t.c.id == bindparam("b_saga_id"))
-    .values(**_SAGA_TOUCH, state=bindparam("b_state"), error=bindparam("b_error"))
-)
-
-# Settling a saga hands back its start time (no extra round trip) for duration metrics.
-_UPDATE_SAGA_SETTLE = _UPDATE_SAGA_STATE.returning(sagas_t.c.created_at)
-
 _SAGA_COLUMNS = ("id", "name", "state", "input", "idempotency_key", "input_digest", "error",
                  "stall_deadline", "deadline_at", "version", "definition_version",
                  "definition_fingerprint")
-_STEP_COLUMNS = ("saga_id", "name", "state", "attempts", "compensation_attempts", "result",
-                 "error", "started_at", "finished_at")
-_EVENT_COLUMNS = ("saga_id", "step", "from_state", "to_state", "attempt", "error")
+
 HOT = PreparedSet({
-    "load": (_LOAD, None),
+    "insert_saga": (_insert_saga, _SAGA_COLUMNS),
+    "insert_log": (_insert_log, _LOG_COLUMNS),
+    "insert_log_if_running": (_insert_log_if_running, None),
+    "complete_if_running": (_COMPLETE_IF_RUNNING, None),
+    "saga_state": (_SAGA_STATE, None),
     "lock": (_LOCK, None),
-    "insert_saga": (_INSERT_SAGA, _SAGA_COLUMNS),
-    "insert_steps": (_INSERT_STEPS, _STEP_COLUMNS),
-    "insert_events": (_INSERT_EVENTS, _EVENT_COLUMNS),
-    "update_step": (_UPDATE_STEP, None),
-    "update_saga": (_UPDATE_SAGA, None),
-    "update_saga_state": (_UPDATE_SAGA_STATE, None),
-    "settle_saga": (_UPDATE_SAGA_SETTLE, None),
+    "load_saga": (_LOAD_SAGA, None),
+    "load_log": (_LOAD_LOG, None),
 })
 """The statements every transition runs, on the DBAPI cursor (see ``sagas.store.prepared``)."""
 
-_STARTING = {StepState.RUNNING, StepState.COMPENSATING}
-_FINISHED = {
-    StepState.SUCCEEDED, StepState.FAILED, StepState.COMPENSATED,
-    StepState.COMPENSATION_FAILED, StepState.SKIPPED,
-}
-
+_NO_LOCK = contextlib.nullcontext()
+_INHERITED: list[Any] = []
+"""Connections a forked child inherited from its parent's main thread: kept, never used."""
 
 StepOrder = Callable[[str, int], Sequence[str] | None]
 """A saga version's step order (its definition's topological order), or None when unknown."""
+
+_FINISHED = frozenset({
+    StepState.SUCCEEDED, StepState.FAILED, StepState.COMPENSATED,
+    StepState.COMPENSATION_FAILED, StepState.SKIPPED,
+})
 
 
 class Store:
     """The saga tables of one database: the engine's only way to read and write them."""
 
     def __init__(
-        self, url: str, *, echo: bool = False, outbox: bool = True,
-        step_order: StepOrder | None = None,
+        self, url: str, *, echo: bool = False, step_order: StepOrder | None = None,
     ) -> None:
         self.url = url
         self.echo = echo
-        self.outbox = outbox
         self.step_order = step_order
         self.dialect = make_url(url).get_backend_name()
+        self._local = threading.local()
+        self._writer_lock = writer_lock(url)
 
     @property
     def engine(self) -> Engine:
@@ -253,11 +209,60 @@ class Store:
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
+        """One write transaction; ``StoreUnavailableError`` when the database cannot be reached.
+
+        A process's main thread (a prefork pool process, a script) keeps its connection open
+        between transactions instead of checking one out of the pool for each transition; any
+        other thread (a web app's) checks one out per transaction. A connection the database
+        dropped is replaced by the next transaction. One WARNING line per outage, and one INFO
+        line when the database answers again (``outages``).
+        """
         try:
-            with self.engine.begin() as conn:
-                yield conn
-        except OperationalError as exc:
+            held = self._held()
+            if held is None:
+                with self._writing(), self.engine.begin() as conn:
+                    yield conn
+            else:
+                try:
+                    with self._writing(), held.begin():
+                        yield held
+                except DBAPIError as exc:
+                    if exc.connection_invalidated or held.invalidated:
+                        self._drop_held()
+                    raise
+        except (OperationalError, InterfaceError) as exc:
+            outages.down(self, exc)
             raise StoreUnavailableError(f"saga store unavailable: {exc.orig}") from exc
+        outages.up(self)
+
+    def _writing(self) -> contextlib.AbstractContextManager[None]:
+        return self._writer_lock.held() if self._writer_lock is not None else _NO_LOCK
+
+    def _held(self) -> Connection | None:
+        """The main thread's own connection, opened on first use and kept; None elsewhere."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        held: tuple[int, Connection] | None = getattr(self._local, "held", None)
+        pid = os.getpid()
+        if held is not None:
+            if held[0] == pid and not held[1].closed and not held[1].invalidated:
+                return held[1]
+            if held[0] != pid:
+                # Inherited across a fork: the parent's socket. Never touch or collect it (its
+                # pool would roll back on the parent's connection from this process).
+                _INHERITED.append(held)
+            else:
+                self._drop_held()
+        conn = self.engine.connect()
+        self._local.held = (pid, conn)
+        return conn
+
+    def _drop_held(self) -> None:
+        held = getattr(self._local, "held", None)
+        self._local.held = None
+        if held is not None and held[0] == os.getpid():
+            with contextlib.suppress(Exception):
+                held[1].close()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -268,6 +273,42 @@ class Store:
             raise StoreUnavailableError(f"saga store unavailable: {exc.orig}") from exc
 
     # --- write side ------------------------------------------------------------
+    def start(
+        self,
+        snap: SagaSnapshot,
+        decision: Decision,
+        *,
+        idempotency_key: str | None,
+        digest: str | None,
+        stall_deadline: datetime | None,
+        deadline_at: datetime | None,
+    ) -> str:
+        """Record a new saga and its first decision; returns the id of the saga that is.
+
+        A start whose id or idempotency key is taken inserts nothing and returns the existing
+        saga's id (``IdempotencyConflictError`` when the key came with another payload).
+        """
+        with self.begin() as conn:
+            inserted = count(
+                conn, HOT.get(conn, "insert_saga"),
+                {
+                    "id": snap.id, "name": snap.name, "state": str(snap.state),
+                    "input": snap.input, "idempotency_key": idempotency_key,
+                    "input_digest": digest, "error": snap.error,
+                    "stall_deadline": stall_deadline, "deadline_at": deadline_at, "version": 1,
+                    "definition_version": snap.version,
+                    "definition_fingerprint": snap.fingerprint,
+                },
+            )
+            if not inserted:
+                existing = self.find_existing(conn, snap.id, idempotency_key, digest)
+                if existing is None:  # pragma: no cover - a conflict names one of the two keys
+                    raise IdempotencyConflictError(f"saga {snap.id} could not be recorded")
+                return existing
+            # The start row names the instance's steps: its graph, whatever is deployed later.
+            self._append(conn, snap, decision, "Started", None, {"steps": list(snap.steps)})
+        return snap.id
+
     def find_existing(
         self, conn: Connection, saga_id: str, idempotency_key: str | None, digest: str | None
     ) -> str | None:
@@ -282,120 +323,115 @@ class Store:
                 )
         return None if row is None else str(row.id)
 
-    def insert_new(
+    def record_alone(
+        self, snap: SagaSnapshot, decision: Decision, *, step: str, fingerprint: str | None,
+    ) -> tuple[bool, datetime | None]:
+        """Record a success the graph decided (``decide_success_alone``), or nothing.
+
+        Returns (recorded, the saga's start time when this completed it). Nothing is recorded
+        when the saga no longer runs on ``fingerprint``'s graph or the success was recorded
+        before: the caller then decides under the saga's lock.
+        """
+        fingerprint = fingerprint or ""
+        with self.begin() as conn:
+            if decision.saga_changed:  # the saga's last step: it completes
+                done = run(conn, HOT.get(conn, "complete_if_running"),
+                           {"b_saga_id": snap.id, "b_fingerprint": fingerprint})
+                if not done:
+                    return False, None
+                self._append(conn, snap, decision, "StepSucceeded", step)
+                return True, done[0][0]
+            inserted = count(
+                conn, HOT.get(conn, "insert_log_if_running"),
+                {
+                    **self._log_params(snap, decision, "StepSucceeded", step),
+                    "b_saga_id": snap.id, "b_fingerprint": fingerprint,
+                },
+            )
+        return bool(inserted), None
+
+    def load(self, conn: Connection, saga_id: str, lock: bool = True) -> SagaSnapshot | None:
+        """The saga replayed from its log; under its row lock when ``lock`` (PostgreSQL).
+
+        Lock first, read after: in READ COMMITTED the log is read by a statement that starts
+        after the lock is held, so it sees every decision committed before ours.
+        """
+        params = {"b_saga_id": saga_id}
+        if lock and self.dialect == "postgresql" and not run(conn, HOT.get(conn, "lock"), params):
+            return None
+        rows = run(conn, HOT.get(conn, "load_saga"), params)
+        if not rows:
+            return None
+        name, state, saga_input, error, version, fingerprint = rows[0]
+        snap = saga_log.saga_from_row(saga_id, name, state, saga_input, error, version,
+                                      fingerprint)
+        entries = [entry_of(r) for r in run(conn, HOT.get(conn, "load_log"), params)]
+        return saga_log.replay(snap, entries, self._order(name, snap.version))
+
+    def append(
         self,
         conn: Connection,
         snap: SagaSnapshot,
         decision: Decision,
         *,
-        idempotency_key: str | None,
-        digest: str | None,
+        cause: str,
+        subject: str | None,
         stall_deadline: datetime | None,
-        deadline_at: datetime | None,
-    ) -> None:
-        now = utcnow()
-        run(
-            conn, HOT.get(conn, "insert_saga"),
-            {
-                "id": snap.id, "name": snap.name, "state": str(snap.state), "input": snap.input,
-                "idempotency_key": idempotency_key, "input_digest": digest, "error": snap.error,
-                "stall_deadline": stall_deadline, "deadline_at": deadline_at, "version": 1,
-                "definition_version": snap.version, "definition_fingerprint": snap.fingerprint,
-            },
-        )
-        run(
-            conn, HOT.get(conn, "insert_steps"),
-            [
-                {
-                    "saga_id": snap.id, "name": s.name, "state": str(s.state),
-                    "attempts": s.attempts,
-                    "compensation_attempts": s.compensation_attempts,
-                    "result": s.result, "error": s.error,
-                    "started_at": now if s.state in _STARTING else None, "finished_at": None,
-                }
-                for s in snap.steps.values()
-            ],
-        )
-        self._insert_events(conn, snap.id, decision)
-        if self.outbox:
-            insert_outbox(conn, snap, decision)
-
-    def load(self, conn: Connection, saga_id: str, lock: bool = True) -> SagaSnapshot | None:
-        params = {"b_saga_id": saga_id}
-        # Lock first, read after (PostgreSQL): in READ COMMITTED a joined FOR UPDATE re-checks
-        # only the locked row after waiting, and would hand back step rows from before the wait.
-        if lock and self.dialect == "postgresql" and not run(conn, HOT.get(conn, "lock"), params):
-            return None
-        rows = run(conn, HOT.get(conn, "load"), params)
-        if not rows:
-            return None
-        # Columns in _LOAD's order: saga name, state, input, error, definition version and
-        # fingerprint, then the step's name, state, attempts, compensation attempts, result, error.
-        name, state, saga_input, error, version, fingerprint = rows[0][:6]
-        return SagaSnapshot(
-            id=saga_id, name=name, state=SagaState(state), input=saga_input, error=error,
-            steps={
-                r[6]: StepSnapshot(r[6], StepState(r[7]), r[8], r[10], r[11], r[9])
-                for r in rows
-            },
-            version=int(version or 1), fingerprint=fingerprint,
-        )
-
-    def save(
-        self,
-        conn: Connection,
-        snap: SagaSnapshot,
-        decision: Decision,
-        stall_deadline: datetime | None,
+        touch: bool = False,
     ) -> datetime | None:
-        """Write the decision; returns the saga's start time when this decision settled it."""
-        now = utcnow()
-        if decision.changed_steps:
-            run(
-                conn, HOT.get(conn, "update_step"),
-                [
-                    {
-                        "b_saga_id": snap.id, "b_name": name,
-                        "b_state": str(snap.steps[name].state),
-                        "b_attempts": snap.steps[name].attempts,
-                        "b_comp_attempts": snap.steps[name].compensation_attempts,
-                        "b_result": snap.steps[name].result,
-                        "b_error": snap.steps[name].error,
-                        "b_started_at": now if snap.steps[name].state in _STARTING else None,
-                        "b_finished_at": now if snap.steps[name].state in _FINISHED else None,
-                    }
-                    for name in decision.changed_steps
-                ],
-            )
-        self._insert_events(conn, snap.id, decision)
-        if self.outbox:
-            insert_outbox(conn, snap, decision)
-        params: dict[str, Any] = {
-            "b_saga_id": snap.id,
-            "b_stall": None if snap.state in SAGA_SETTLED else stall_deadline,
-        }
-        if decision.saga_changed:
-            params.update(b_state=str(snap.state), b_error=snap.error)
-            if snap.state in SAGA_SETTLED:
-                returned = run(conn, HOT.get(conn, "settle_saga"), params)
-                return returned[0][0] if returned else None
-            run(conn, HOT.get(conn, "update_saga_state"), params)
-        else:
-            run(conn, HOT.get(conn, "update_saga"), params)
+        """Record a decision taken under the saga's lock; returns the saga's start time when
+        it settled the saga. The saga row is written only when the saga's state changed (or
+        ``touch``: recovery moving its deadline)."""
+        self._append(conn, snap, decision, cause, subject)
+        if not (decision.saga_changed or touch):
+            return None
+        returned = run(
+            conn, HOT.get(conn, "saga_state"),
+            {
+                "b_saga_id": snap.id, "b_state": str(snap.state), "b_error": snap.error,
+                "b_stall": None if snap.state in SAGA_SETTLED else stall_deadline,
+            },
+        )
+        if decision.saga_changed and snap.state in SAGA_SETTLED and returned:
+            return returned[0][0]  # type: ignore[no-any-return]
         return None
 
-    def _insert_events(self, conn: Connection, saga_id: str, decision: Decision) -> None:
-        if decision.transitions:
-            run(
-                conn, HOT.get(conn, "insert_events"),
-                [
-                    {
-                        "saga_id": saga_id, "step": t.step, "from_state": t.from_state,
-                        "to_state": t.to_state, "attempt": t.attempt, "error": t.error,
-                    }
-                    for t in decision.transitions
-                ],
-            )
+    def move_deadline(self, conn: Connection, saga_id: str, stall_deadline: datetime) -> None:
+        """Recovery found the saga busy after all: look again at its real deadline."""
+        conn.execute(
+            update(sagas_t).where(sagas_t.c.id == saga_id).values(stall_deadline=stall_deadline)
+        )
+
+    @staticmethod
+    def _log_params(
+        snap: SagaSnapshot, decision: Decision, cause: str, subject: str | None,
+        result: Any = None,
+    ) -> dict[str, Any]:
+        if subject is not None and any(
+            t.step == subject and t.to_state == StepState.SUCCEEDED for t in decision.transitions
+        ):
+            result = snap.steps[subject].result
+        return {
+            "saga_id": snap.id, "at": utcnow(), "cause": cause, "step": subject,
+            "saga_state": str(snap.state), "transitions": encode_decision(decision),
+            "result": result, "dedupe": dedupe_key(cause, decision, subject),
+        }
+
+    def _append(
+        self, conn: Connection, snap: SagaSnapshot, decision: Decision, cause: str,
+        subject: str | None, result: Any = None,
+    ) -> None:
+        run(conn, HOT.get(conn, "insert_log"),
+            self._log_params(snap, decision, cause, subject, result))
+
+    def _order(self, name: str, version: int) -> Sequence[str]:
+        order = self.step_order(name, version) if self.step_order is not None else None
+        return order or ()
+
+    def log_of(self, conn: Connection, saga_id: str) -> list[LogEntry]:
+        return [entry_of(r) for r in conn.execute(
+            select(*_ENTRY_COLUMNS).where(log_t.c.saga_id == saga_id).order_by(log_t.c.seq)
+        )]
 
     # --- read side -------------------------------------------------------------
     def get_view(self, saga_id: str) -> dict[str, Any]:
@@ -404,43 +440,44 @@ class Store:
             saga = conn.execute(select(sagas_t).where(sagas_t.c.id == saga_id)).first()
             if saga is None:
                 raise SagaNotFoundError(f"no saga with id {saga_id!r}")
-            steps = conn.execute(select(steps_t).where(steps_t.c.saga_id == saga_id)).all()
-            events = conn.execute(
-                select(events_t).where(events_t.c.saga_id == saga_id).order_by(events_t.c.id)
-            ).all()
-        order = self._step_order(saga.name, saga.definition_version, [s.name for s in steps])
-        by_name = {s.name: s for s in steps}
+            entries = self.log_of(conn, saga_id)
+        snap = saga_log.replay(
+            saga_log.saga_from_row(saga.id, saga.name, saga.state, saga.input, saga.error,
+                                   saga.definition_version, saga.definition_fingerprint),
+            entries, self._order(saga.name, int(saga.definition_version or 1)),
+        )
+        order = self._step_order(saga.name, snap.version, list(snap.steps))
+        times = saga_log.step_times(entries)
+        events: list[dict[str, Any]] = []
+        for entry in entries:
+            for t in entry.transitions:
+                events.append({
+                    "id": len(events) + 1, "step": t.step, "from_state": t.from_state,
+                    "to_state": t.to_state, "attempt": t.attempt, "error": t.error,
+                    "at": _iso(entry.at), "cause": entry.cause,
+                })
         return {
             "id": saga.id,
             "name": saga.name,
-            "version": saga.definition_version,
+            "version": snap.version,
             "fingerprint": saga.definition_fingerprint,
             "state": saga.state,
             "error": saga.error,
             "created_at": _iso(saga.created_at),
             "updated_at": _iso(saga.updated_at),
-            "context": {
-                "input": saga.input,
-                "results": {s.name: s.result for s in steps if s.result is not None},
-            },
+            "stall_deadline": _iso(saga.stall_deadline),
+            "context": {"input": saga.input, "results": snap.results()},
             "steps": [
                 {
-                    "name": n, "state": by_name[n].state, "attempts": by_name[n].attempts,
-                    "compensation_attempts": by_name[n].compensation_attempts,
-                    "error": by_name[n].error, "result": by_name[n].result,
-                    "started_at": _iso(by_name[n].started_at),
-                    "finished_at": _iso(by_name[n].finished_at),
+                    "name": n, "state": str(snap.steps[n].state),
+                    "attempts": snap.steps[n].attempts,
+                    "compensation_attempts": snap.steps[n].compensation_attempts,
+                    "error": snap.steps[n].error, "result": snap.steps[n].result,
+                    **{k: _iso(v) for k, v in times.get(n, saga_log.StepTimes()).as_dict().items()},
                 }
                 for n in order
             ],
-            "events": [
-                {
-                    "id": e.id, "step": e.step, "from_state": e.from_state,
-                    "to_state": e.to_state, "attempt": e.attempt, "error": e.error,
-                    "at": _iso(e.at),
-                }
-                for e in events
-            ],
+            "events": events,
         }
 
     def list_sagas(
@@ -509,44 +546,44 @@ class Store:
                 out.update({str(r.id): str(r.state) for r in rows})
         return out
 
-    def read_outcomes(
-        self, saga_ids: Sequence[str]
-    ) -> tuple[list[Any], dict[str, list[Any]]]:
-        """Saga rows (id, name, state, error) and their step rows, in two queries per 500 ids."""
+    def read_outcomes(self, saga_ids: Sequence[str]) -> dict[str, SagaSnapshot]:
+        """Many sagas replayed from their logs, in two queries per 500 ids; unknown ids absent."""
         ids = list(dict.fromkeys(saga_ids))
-        sagas: list[Any] = []
-        steps: dict[str, list[Any]] = {}
+        out: dict[str, SagaSnapshot] = {}
         with self.read() as conn:
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
-                sagas += conn.execute(
-                    select(sagas_t.c.id, sagas_t.c.name, sagas_t.c.definition_version,
-                           sagas_t.c.state, sagas_t.c.error)
-                    .where(sagas_t.c.id.in_(chunk))
-                ).all()
                 for row in conn.execute(
-                    select(steps_t.c.saga_id, steps_t.c.name, steps_t.c.state, steps_t.c.result,
-                           steps_t.c.error, steps_t.c.attempts, steps_t.c.compensation_attempts)
-                    .where(steps_t.c.saga_id.in_(chunk))
+                    select(sagas_t.c.id, sagas_t.c.name, sagas_t.c.state, sagas_t.c.input,
+                           sagas_t.c.error, sagas_t.c.definition_version,
+                           sagas_t.c.definition_fingerprint)
+                    .where(sagas_t.c.id.in_(chunk))
                 ):
-                    steps.setdefault(str(row.saga_id), []).append(row)
-        return sagas, steps
+                    out[str(row.id)] = saga_log.saga_from_row(
+                        str(row.id), row.name, row.state, row.input, row.error,
+                        row.definition_version, row.definition_fingerprint,
+                    )
+                entries: dict[str, list[LogEntry]] = {}
+                for log_row in conn.execute(
+                    select(log_t.c.saga_id, *_ENTRY_COLUMNS)
+                    .where(log_t.c.saga_id.in_(chunk)).order_by(log_t.c.seq)
+                ):
+                    entries.setdefault(str(log_row[0]), []).append(entry_of(log_row[1:]))
+                for saga_id, found in entries.items():
+                    snap = out.get(saga_id)
+                    if snap is not None:
+                        saga_log.replay(snap, found, self._order(snap.name, snap.version))
+        return out
 
     def ordered_steps(self, saga_name: str, version: int, names: list[str]) -> list[str]:
         """Step names in the definition's order (unknown ones last, by name)."""
         return self._step_order(saga_name, version, names)
 
     def step_states(self, saga_ids: list[str]) -> dict[str, dict[str, str]]:
-        with self.read() as conn:
-            rows = conn.execute(
-                select(steps_t.c.saga_id, steps_t.c.name, steps_t.c.state).where(
-                    steps_t.c.saga_id.in_(saga_ids)
-                )
-            ).all()
-        out: dict[str, dict[str, str]] = {}
-        for r in rows:
-            out.setdefault(r.saga_id, {})[r.name] = r.state
-        return out
+        return {
+            saga_id: {n: str(step.state) for n, step in snap.steps.items()}
+            for saga_id, snap in self.read_outcomes(saga_ids).items()
+        }
 
     def _step_order(self, saga_name: str, version: int, names: list[str]) -> list[str]:
         known_order = (

@@ -10,15 +10,12 @@ nothing makes the page scroll sideways. Screenshots land in artifacts/dashboard-
 from __future__ import annotations
 
 import re
-from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
 
 from sagas.ops.dashboard import CANCEL_REASON
-from sagas.store.sql import sagas_t, utcnow
 from tests.browser.support import (
     ARTIFACTS,
     PICTURES,
@@ -30,7 +27,8 @@ from tests.browser.support import (
 )
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
-from tests.support.engine import get_store, start_saga
+from tests.support.engine import make_stale as age_saga
+from tests.support.engine import start_saga
 
 pytestmark = [
     pytest.mark.integration,
@@ -42,10 +40,8 @@ WIDTHS = [1400, 800]
 
 # --- the sagas ---------------------------------------------------------------------------------
 def make_stale(saga_id: str, seconds: float = 90) -> None:
-    """As tests/integration/test_recovery.py does: its stall deadline passed a while ago."""
-    with get_store().begin() as conn:
-        conn.execute(update(sagas_t).where(sagas_t.c.id == saga_id)
-                     .values(stall_deadline=utcnow() - timedelta(seconds=seconds)))
+    """Its work in flight made no progress for a long while (see tests.support.engine)."""
+    age_saga(saga_id, seconds)
 
 
 def _order(price: float) -> str:

@@ -12,13 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
-from sagas.store.sql import Store, events_t, sagas_t
+from sagas.store.log import entry_of
+from sagas.store.sql import Store, log_t, sagas_t
 from tests.support.services import RedisServer, start_redis
 from tests.support.workers import ROOT, WorkerProcess
 
@@ -142,7 +143,7 @@ class Cluster:
             os.killpg(self.beat.pid, signal.SIGKILL)
             self.beat.wait(10)
         self.redis.stop(kill=True)
-        from sagas.store.sql import _engines
+        from sagas.store.connect import _engines
 
         for key in [k for k in _engines if k[1] == self.database_url]:
             _engines.pop(key).dispose()
@@ -196,18 +197,19 @@ class Cluster:
         """Every re-drive by recovery, with how long its saga had made no progress."""
         with self.store.read() as conn:
             rows = conn.execute(
-                select(events_t.c.saga_id, events_t.c.step, events_t.c.error, events_t.c.at,
-                       events_t.c.id)
-                .order_by(events_t.c.saga_id, events_t.c.id)
+                select(log_t.c.saga_id, log_t.c.seq, log_t.c.at, log_t.c.cause, log_t.c.step,
+                       log_t.c.saga_state, log_t.c.transitions, log_t.c.result)
+                .order_by(log_t.c.saga_id, log_t.c.seq)
             ).all()
         out: list[dict[str, Any]] = []
         last_progress: dict[str, datetime] = {}
         for r in rows:
-            at = r.at if r.at.tzinfo else r.at.replace(tzinfo=UTC)
-            if r.error == "re-driven by recovery":
-                since = last_progress.get(r.saga_id, at)
-                out.append({"saga": r.saga_id, "step": r.step, "at": at,
-                            "stalled_s": (at - since).total_seconds()})
-            else:
-                last_progress[r.saga_id] = at
+            entry = entry_of(r[1:])
+            for t in entry.transitions:
+                if t.step is not None and t.keeps_error and entry.cause == "Redrive":
+                    since = last_progress.get(r.saga_id, entry.at)
+                    out.append({"saga": r.saga_id, "step": t.step, "at": entry.at,
+                                "stalled_s": (entry.at - since).total_seconds()})
+            if entry.cause != "Redrive":
+                last_progress[r.saga_id] = entry.at
         return out

@@ -244,6 +244,9 @@ def test_unknown_ids_are_404(client: TestClient):
     assert client.post(f"/sagas/{missing}/retry", headers=ADMIN).status_code == 404
     assert client.post(f"/sagas/{missing}/cancel", headers=ADMIN).status_code == 404
     assert missing in client.get(f"/sagas/{missing}").json()["detail"]
+    page = client.get(f"/dashboard/sagas/{missing}")
+    assert page.status_code == 404 and "text/html" in page.headers["content-type"], (
+        "an unknown saga's page is a 404 page, not a 200")
 
 
 def running_with_a_done(saga_id: str) -> dict[str, Any] | None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.terminal import run_on_terminal
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +36,12 @@ def test_bench_smoke_reports_figures_and_ratios(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sagas/s" in proc.stdout and "ours/raw" in proc.stdout
+    # Piped, progress is a plain line per phase and run: no bar, no escape codes.
+    assert "\x1b" not in proc.stderr + proc.stdout
+    for phase in ("starting the broker and the worker", "warming up",
+                  "rep 1/1 saga happy, 20 sagas", "rep 1/1 raw failure, 20 sagas",
+                  "rep 1/1 idle latency, 3 samples each"):
+        assert phase in proc.stderr, proc.stderr
     doc = json.loads(out.read_text())
     summary = doc["summary"]
     for scenario in ("happy", "failure"):
@@ -67,6 +75,10 @@ def test_in_flight_study_reports_store_growth_the_reconcilers_index_and_worker_m
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "\x1b" not in proc.stderr
+    for phase in ("starting 80 sagas with no worker serving their queue", "80 in flight, store",
+                  "draining 80 sagas through one worker"):
+        assert phase in proc.stderr, proc.stderr
     doc = json.loads(out.read_text())
     assert [n for n, _ in doc["store_bytes"]] == [0, 20, 40, 60, 80]
     sizes = [b for _, b in doc["store_bytes"]]
@@ -75,3 +87,14 @@ def test_in_flight_study_reports_store_growth_the_reconcilers_index_and_worker_m
     assert doc["reconciler_uses_index"], doc["reconciler_plan"]
     assert doc["rss_mb"][-1][0] == 80, "the worker drained every saga it was given"
     assert "ix_saga_instances_state_stall" in proc.stdout
+
+
+def test_on_a_terminal_the_bench_shows_a_live_progress_bar() -> None:
+    """The same command on a pseudo-terminal: rich's bar, counting every saga it waits for."""
+    code, text = run_on_terminal(
+        [sys.executable, "-m", "sagas.ops.cli", "bench", "-n", "10", "--repeat", "1", "--idle",
+         "1", "--warmup", "0", "--no-failure"], cwd=ROOT, env=bench_env(), timeout=180)
+    assert code == 0, text
+    assert "\x1b[" in text and "━" in text, "a live bar"
+    assert "22/22" in text, "2 x 10 sagas under load + 2 idle ones, each counted"
+    assert "rep 1/1 saga happy" in text and "ours/raw" in text

@@ -20,6 +20,7 @@ from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.engine import get_store, start_saga
 from tests.support.services import free_port
+from tests.support.terminal import run_on_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +78,7 @@ def test_db_upgrade_makes_a_fresh_database_ready_to_list(tmp_path: Path, redis_s
 
     inspector = sqlalchemy.inspect(sqlalchemy.create_engine(env["DATABASE_URL"]))
     tables = set(inspector.get_table_names())
-    assert tables == {"saga_instances", "saga_steps", "saga_events", "saga_outbox",
+    assert tables == {"saga_instances", "saga_log", "saga_relay_cursor",
                       "sagas_alembic_version"}, "only the engine's tables, none of the sample's"
     listed = sagas(env, "list", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -215,26 +216,41 @@ def undo_calls(saga_id: str) -> int:
     return int(ts.ledger().get(f"calls:{saga_id}:a:compensation") or 0)
 
 
-def test_relay_once_publishes_a_sagas_pending_events_and_marks_them_sent(
-    engine_backend: Backend,
-):
-    from sqlalchemy import select
-
+def test_relay_once_publishes_what_waits_and_outbox_stats_says_so(engine_backend: Backend):
     from sagas.runtime import relay as outbox
 
     saga_id = start_saga(ts.linear, {})
     wait_for_saga(saga_id)
+    from sqlalchemy import func, select
 
-    def statuses() -> list[str]:
-        with get_store().read() as conn:
-            return list(conn.execute(select(outbox.outbox_t.c.status).where(
-                outbox.outbox_t.c.saga_id == saga_id)).scalars())
+    from sagas.store.sql import log_t
 
-    assert statuses() and set(statuses()) <= {"pending", "sent"}
-    # One batch per run; rows of earlier tests may come first.
-    for _ in range(50):
-        if set(statuses()) == {"sent"}:
+    with get_store().read() as conn:
+        mine = conn.execute(select(func.count()).where(log_t.c.saga_id == saga_id)).scalar_one()
+    waiting = outbox.stats(get_store()).pending
+    assert mine >= 4 and waiting >= mine, "the saga's log rows wait for the relay"
+    stats = sagas(engine_backend.env, "outbox", "stats")
+    assert stats.returncode == 0, stats.stderr
+    assert f"pending  {waiting} log rows" in stats.stdout
+    for _ in range(50):  # one batch per run; rows of earlier tests may come first
+        if outbox.stats(get_store()).pending == 0:
             break
         ran = sagas(engine_backend.env, "relay", "--once", "--batch", "500")
         assert ran.returncode == 0, ran.stderr
-    assert set(statuses()) == {"sent"}
+    assert outbox.stats(get_store()).pending == 0
+    as_json = json.loads(sagas(engine_backend.env, "outbox", "stats", "--json").stdout)
+    assert as_json["pending"] == 0 and as_json["position"] == as_json["newest"]
+
+
+def test_audit_shows_a_spinner_on_a_terminal_and_only_its_report_when_piped(
+    engine_backend: Backend,
+):
+    """A command that may take a while on a big store says what it is doing, on a terminal."""
+    wait_for_saga(start_saga(ts.linear, {}))
+    code, text = run_on_terminal([SAGAS, "audit", "--no-idle"], cwd=ROOT, env=engine_backend.env)
+    assert code in (0, 1), text
+    assert "auditing every saga in the store" in text and "audit" in text
+    piped = sagas(engine_backend.env, "audit", "--no-idle")
+    assert piped.returncode == code, piped.stderr
+    assert "auditing every saga" not in piped.stdout + piped.stderr
+    assert "\x1b" not in piped.stdout + piped.stderr

@@ -53,6 +53,14 @@ def test_the_procfile_has_web_beat_flower_relay_and_one_worker_entry_per_queue()
     check = subprocess.run([str(BIN / "honcho"), "check"], cwd=ROOT, capture_output=True,
                            text=True, check=False)
     assert check.returncode == 0, check.stderr
+    # honcho gives the first entry PORT=5000 unless told: `make up` serves where the README says.
+    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "MAKEFLAGS")}
+    up = subprocess.run(["make", "-n", "up"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        check=False)
+    assert "honcho start -p ${PORT:-8000}" in up.stdout, up.stdout + up.stderr
+    readme = (ROOT / "README.md").read_text()
+    assert "make up   (honcho start -p 8000: the web app on 8000)" in readme
+    assert "5000" not in readme
 
 
 @pytest.fixture

@@ -167,3 +167,32 @@ def test_metrics_route_exposes_counters_and_in_flight_gauges(engine_backend: Bac
     assert started and float(started.group(1)) == before + 1
     for state in metrics.IN_FLIGHT:
         assert f'sagas_in_flight{{state="{state}"}}' in resp.text
+
+
+def test_a_prefork_workers_json_log_lines_parse_as_json_lines(engine_backend: Backend,
+                                                               tmp_path: Path):
+    """SAGAS_LISTENERS=json_log on a real worker: each transition is a line of its own that a log
+    shipper parses as JSON, not wrapped in Celery's "[time: INFO/ForkPoolWorker-1] ..."."""
+    env = dict(engine_backend.env, SAGAS_LISTENERS="json_log",
+               SAGAS_IMPORTS="tests.support.test_sagas,tests.support.obs_sagas")
+    worker = WorkerProcess(env, queues=obs_sagas.XPROC_QUEUE, concurrency=2, name="jsonlog",
+                           log_dir=tmp_path).start()
+    try:
+        worker.wait_ready()
+        saga_id = start_saga(obs_sagas.cross_process, {})
+        assert wait_for_saga(saga_id)["state"] == "COMPLETED"
+        deadline = time.monotonic() + 15
+        mine: list[str] = []
+        while time.monotonic() < deadline:
+            # Celery's own lines name the saga too (in task ids): the listener's carry its key.
+            mine = [line for line in worker.log().splitlines() if f'"saga_id":"{saga_id}"' in line]
+            if sum('"to":"SUCCEEDED"' in line for line in mine) >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        worker.stop()
+    assert mine, worker.log()[-3000:]
+    parsed = [json.loads(line) for line in mine]  # the whole line, nothing around it
+    assert all(line.startswith("{") for line in worker.log().splitlines() if '"saga_id"' in line)
+    assert {(p["step"], p["to"]) for p in parsed} >= {("a", "SUCCEEDED"), ("b", "SUCCEEDED")}
+    assert all(p["saga_id"] == saga_id and p["saga"] == "t_xproc" for p in parsed)

@@ -29,6 +29,7 @@ from tests.chaos import crash_sagas as cs
 from tests.chaos.cluster import Cluster
 from tests.conftest import fresh_database, use_database
 from tests.support.engine import apply_event, get_store, recover_stalled, start_saga
+from tests.support.engine import make_stale as age_saga
 
 pytestmark = pytest.mark.integration
 
@@ -69,11 +70,8 @@ def published(saga_id: str) -> list[dict[str, Any]]:
 
 
 def make_stale(saga_id: str, seconds: float = 60) -> None:
-    with get_store().begin() as conn:
-        conn.execute(
-            update(sagas_t).where(sagas_t.c.id == saga_id)
-            .values(stall_deadline=utcnow() - timedelta(seconds=seconds))
-        )
+    """Its work in flight made no progress for a long while (see tests.support.engine)."""
+    age_saga(saga_id, seconds)
 
 
 def stall_deadline(saga_id: str) -> Any:

@@ -379,7 +379,7 @@ def pair(celery_app: Celery, tmp_path: Path) -> Sagas:
     """The engine bound to ``celery_app``, with v1 (reserve, charge) and v2 (... notify)."""
     engine = Sagas(celery_app, SagaSettings(
         database_url=f"sqlite:///{tmp_path}/pair.db", redis_url=str(celery_app.conf.broker_url),
-        saga_queue=PAIR_SAGA_QUEUE, sagas_listeners="", sagas_outbox=False,
+        saga_queue=PAIR_SAGA_QUEUE, sagas_listeners="",
     ))
     engine.upgrade_schema()
 

@@ -31,7 +31,7 @@ COPY_IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "venv", ".mypy_cache", ".ruff_cache", ".hypothesis", ".pytest_cache",
     "__pycache__", "*.egg-info", "build", "dist", "var", "*.db",
 )
-ENGINE_TABLES = {"saga_instances", "saga_steps", "saga_events", "saga_outbox",
+ENGINE_TABLES = {"saga_instances", "saga_log", "saga_relay_cursor",
                  "sagas_alembic_version"}
 SAMPLE_TABLES = {"orders", "inventory_stock", "inventory_reservations", "payment_charges",
                  "payment_refunds", "shipments", "alembic_version"}

@@ -30,7 +30,7 @@ def _app(name: str, db: int, store_env: str) -> tuple[Celery, Sagas]:
                     worker_hijack_root_logger=False)
     settings = SagaSettings(
         database_url=os.environ.get(store_env, f"sqlite:////tmp/{name}.db"),
-        redis_url=_redis(db), sagas_listeners="", sagas_outbox=False,
+        redis_url=_redis(db), sagas_listeners="",
     )
     return app, Sagas(app, settings)
 

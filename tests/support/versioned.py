@@ -42,8 +42,7 @@ app.conf.update(
     task_ignore_result=True, task_store_errors_even_if_ignored=True,
     broker_connection_retry_on_startup=True, worker_hijack_root_logger=False, timezone="UTC",
 )
-engine = Sagas(app, SagaSettings(database_url=DATABASE_URL, redis_url=REDIS_URL,
-                                 sagas_outbox=False))
+engine = Sagas(app, SagaSettings(database_url=DATABASE_URL, redis_url=REDIS_URL))
 
 _ledger: redis.Redis | None = None
 

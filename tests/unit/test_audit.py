@@ -27,7 +27,7 @@ from sagas.ops.audit import (
     audit,
     audit_idle,
 )
-from sagas.store.sql import events_t, sagas_t, steps_t, utcnow
+from sagas.store.sql import log_t, sagas_t, utcnow
 
 NOW = utcnow()
 HOUR = timedelta(hours=1)
@@ -44,7 +44,8 @@ TRIP = sagas.Saga(
     ],
 )
 
-# Each step: its state, then the to_states of its events in order (from PENDING).
+# Each step: its state, then the to_states of its transitions in order (from PENDING); the
+# state is what the log replays to (written here only as a reminder of it).
 DONE = {"hold_flight": ("SUCCEEDED", ["RUNNING", "SUCCEEDED"]),
         "hold_hotel": ("SUCCEEDED", ["RUNNING", "SUCCEEDED"]),
         "charge": ("SUCCEEDED", ["RUNNING", "SUCCEEDED"])}
@@ -74,28 +75,28 @@ def write_saga(
     name: str = "trip",
     stall_deadline: datetime | None = None,
     deadline_at: datetime | None = None,
+    log_state: str | None = None,
 ) -> None:
-    """One saga, its step rows and its events, exactly as given (no coordinator involved)."""
-    events: list[dict[str, Any]] = [
-        {"saga_id": saga_id, "step": None, "from_state": None, "to_state": state, "attempt": 0}
-    ]
+    """One saga row and its log, exactly as given (no coordinator involved): a start row naming
+    the steps, then one row per step transition, each leaving the saga ``log_state``."""
+    after = log_state or state
+    rows: list[dict[str, Any]] = [{
+        "saga_id": saga_id, "at": NOW, "cause": "Started", "step": None, "saga_state": after,
+        "transitions": [[None, "PENDING", "RUNNING", 0]], "result": {"steps": list(steps)},
+    }]
     for step, (_, to_states) in steps.items():
         previous = "PENDING"
         for to_state in to_states:
-            events.append({"saga_id": saga_id, "step": step, "from_state": previous,
-                           "to_state": to_state, "attempt": 1})
+            rows.append({"saga_id": saga_id, "at": NOW, "cause": "Written", "step": step,
+                         "saga_state": after,
+                         "transitions": [[step, previous, to_state, 1]], "result": None})
             previous = to_state
     with engine.store.begin() as conn:
         conn.execute(insert(sagas_t).values(
             id=saga_id, name=name, state=state, input={}, version=1,
             stall_deadline=stall_deadline, deadline_at=deadline_at,
         ))
-        conn.execute(insert(steps_t), [
-            {"saga_id": saga_id, "name": step, "state": step_state, "attempts": 1,
-             "compensation_attempts": 0}
-            for step, (step_state, _) in steps.items()
-        ])
-        conn.execute(insert(events_t), events)
+        conn.execute(insert(log_t), rows)
 
 
 def write_broken_store(engine: sagas.Sagas) -> None:
@@ -105,8 +106,9 @@ def write_broken_store(engine: sagas.Sagas) -> None:
                DONE | {"charge": ("FAILED", ["RUNNING", "FAILED"])})
     write_saga(engine, "compensated-flight-still-held", "COMPENSATED",
                ROLLED_BACK | {"hold_flight": ("SUCCEEDED", ["RUNNING", "SUCCEEDED"])})
-    write_saga(engine, "step-disagrees-with-events", "COMPLETED",
-               DONE | {"hold_hotel": ("SUCCEEDED", ["RUNNING"])})
+    write_saga(engine, "history-skips-running", "COMPLETED",
+               DONE | {"hold_hotel": ("SUCCEEDED", ["SUCCEEDED"])})
+    write_saga(engine, "row-disagrees-with-log", "COMPLETED", DONE, log_state="RUNNING")
     write_saga(engine, "running-stalled-an-hour", "RUNNING",
                {"hold_flight": ("RUNNING", ["RUNNING"]), "hold_hotel": ("RUNNING", ["RUNNING"]),
                 "charge": ("PENDING", [])},
@@ -122,7 +124,8 @@ def write_broken_store(engine: sagas.Sagas) -> None:
 BROKEN = {
     ("completed-with-failed-step", RULE_COMPLETED),
     ("compensated-flight-still-held", RULE_COMPENSATED),
-    ("step-disagrees-with-events", RULE_EVENTS),
+    ("history-skips-running", RULE_EVENTS),
+    ("row-disagrees-with-log", RULE_EVENTS),
     ("running-stalled-an-hour", RULE_DEADLINE),
     ("running-stalled-an-hour", STUCK),
     ("parked", PARKED),
@@ -171,18 +174,21 @@ def test_each_broken_saga_is_reported_under_its_rule_and_no_other(engine: sagas.
     report = audit(engine, now=NOW)
 
     assert not report.ok
-    assert report.sagas == 7
+    assert report.sagas == 8
     assert report.checks > 0
     assert reported(report) == BROKEN
     assert len(report.findings) == len(BROKEN)
-    assert report.states == {"COMPLETED": 3, "COMPENSATED": 2, "RUNNING": 1,
+    assert report.states == {"COMPLETED": 4, "COMPENSATED": 2, "RUNNING": 1,
                              "COMPENSATION_FAILED": 1}
     details = {(f.saga_id, f.rule): f.detail for f in report.findings}
     assert "'charge' is FAILED" in details["completed-with-failed-step", RULE_COMPLETED]
     assert "'hold_flight' is SUCCEEDED" in details[
         "compensated-flight-still-held", RULE_COMPENSATED]
-    assert details["step-disagrees-with-events", RULE_EVENTS] == (
-        "step 'hold_hotel' is SUCCEEDED, its last event says RUNNING")
+    assert details["history-skips-running", RULE_EVENTS].startswith(
+        "step 'hold_hotel': PENDING -> SUCCEEDED (log row ")
+    assert details["history-skips-running", RULE_EVENTS].endswith("is not an allowed transition")
+    assert details["row-disagrees-with-log", RULE_EVENTS] == (
+        "the saga is COMPLETED but its last log row (Written) left it RUNNING")
     assert "stall deadline" in details["running-stalled-an-hour", RULE_DEADLINE]
     assert report.summary().endswith(f": {len(BROKEN)} violations")
     violations = report.as_dict()["violations"]
@@ -190,9 +196,9 @@ def test_each_broken_saga_is_reported_under_its_rule_and_no_other(engine: sagas.
     assert all(set(v) == {"saga", "rule", "detail"} for v in violations)
 
 
-def test_a_step_with_no_events_must_be_pending(engine: sagas.Sagas) -> None:
+def test_a_step_the_log_never_moved_is_pending(engine: sagas.Sagas) -> None:
     write_saga(engine, "charge-without-events", "COMPLETED",
-               DONE | {"charge": ("SUCCEEDED", [])})
+               DONE | {"charge": ("PENDING", [])})
     write_saga(engine, "pending-without-events", "RUNNING",
                {"hold_flight": ("RUNNING", ["RUNNING"]), "hold_hotel": ("RUNNING", ["RUNNING"]),
                 "charge": ("PENDING", [])}, stall_deadline=NOW + HOUR)
@@ -200,7 +206,7 @@ def test_a_step_with_no_events_must_be_pending(engine: sagas.Sagas) -> None:
     report = audit(engine, idle=False, now=NOW)
 
     assert [(f.saga_id, f.rule, f.detail) for f in report.findings] == [
-        ("charge-without-events", RULE_EVENTS, "step 'charge' is SUCCEEDED but has no event"),
+        ("charge-without-events", RULE_COMPLETED, "step 'charge' is PENDING"),
     ]
 
 
@@ -210,23 +216,23 @@ def test_a_compensated_saga_of_an_unregistered_definition_is_not_guessed_at(
     write_saga(engine, "legacy-1", "COMPENSATED",
                {"book": ("SUCCEEDED", ["RUNNING", "SUCCEEDED"]),
                 "notify": ("RUNNING", ["RUNNING"]),
-                "audit_log": ("FAILED", ["RUNNING"])},
+                "audit_log": ("FAILED", ["RUNNING", "COMPENSATING"])},
                name="legacy")
     write_saga(engine, "legacy-2", "COMPLETED", {"book": ("SUCCEEDED", ["RUNNING", "SUCCEEDED"])},
                name="legacy")
 
     report = audit(engine, now=NOW)
 
-    # The definition-free checks still ran: a step left RUNNING, a step disagreeing with its
-    # events. A SUCCEEDED step is not judged (its compensation is unknown); a COMPLETED saga
-    # needs no definition at all.
+    # The definition-free checks still ran: steps left in flight, a history the transition
+    # table refuses. A SUCCEEDED step is not judged (its compensation is unknown); a COMPLETED
+    # saga needs no definition at all.
     assert reported(report) == {
         ("legacy-1", DEFINITION_UNKNOWN),
         ("legacy-1", RULE_COMPENSATED),
         ("legacy-1", RULE_EVENTS),
     }
-    assert [f.detail for f in report.findings if f.rule == RULE_COMPENSATED] == [
-        "step 'notify' is still RUNNING"]
+    assert {f.detail for f in report.findings if f.rule == RULE_COMPENSATED} == {
+        "step 'notify' is still RUNNING", "step 'audit_log' is still COMPENSATING"}
     assert report.sagas == 2
 
 
