@@ -3,7 +3,7 @@
 KNOWN ENGINE BUG, pinned with a strict xfail (it XPASSes, and so fails, once fixed: remove the
 marker then). On PostgreSQL the audit crashes with a traceback, "psycopg.ProgrammingError:
 can't change 'autocommit' now: connection in transaction status INTRANS": the store's checkout
-ping (``_ping_when_idle`` in sagas/store/sql.py) runs ``SELECT 1`` on the raw DBAPI connection
+ping (``_ping_when_idle`` in sagas/store/connect.py) runs ``SELECT 1`` on the raw DBAPI connection
 of every new or idle pooled connection and leaves its implicit transaction open; ``audit()``
 (sagas/ops/audit.py) then sets ``isolation_level="REPEATABLE READ"`` on that connection, which
 psycopg refuses inside a transaction. SQLite is unaffected, which is why the chaos run (SQLite)

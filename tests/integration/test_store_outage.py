@@ -8,24 +8,22 @@ server (fast: every connection is cut) and lets the statement go on. The coordin
 served only once the server is back, so what the engine makes of that failure is decided on a
 working database.
 
-What must happen: the effect happened, so the saga must not compensate as if it had not. The
-step's outcome is unknown to the engine; recovery re-drives it with the same key, the
-participant reports the effect it already applied, and the saga completes.
+What must happen: the effect happened, so the saga must not compensate as if it had not; it
+completes once the database is back (whether the outcome waits on the saga queue or recovery
+re-drives the step with the same key is the engine's choice).
 
-KNOWN ENGINE BUG, pinned with a strict xfail (remove the marker once fixed): the step wrapper
-(``_run_step`` in sagas/runtime/worker.py) records an inline step's success after the task body
-returned; when that ``apply_event`` raises ``StoreUnavailableError`` the exception leaves the
-task, Celery reports a failure through ``link_error``, and ``sagas.step_failed`` classifies it
-with ``_is_definite``: "StoreUnavailableError" is not in ``_INDEFINITE``, so the failure counts
-as definite. The pivot is recorded FAILED and the saga COMPENSATED although its effect was
-applied. Found by tests/chaos/test_hosts.py (a host cut off mid-pivot: its soft time limit
-fired in the middle of the recording once the cut healed; the audit then reported
-"compensated: no shipment").
+Found by tests/chaos/test_hosts.py on the store before the saga log: a host cut off mid-pivot,
+whose soft time limit fired in the middle of recording the success once the cut healed. The
+wrapper's ``StoreUnavailableError`` then reached ``sagas.step_failed`` as a *definite*
+failure, the pivot was recorded FAILED and the saga COMPENSATED with its shipment made (the
+audit: "compensated: no shipment"). The rewritten store hands such an outcome to the saga
+queue; this pins it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,9 +61,6 @@ def _wait_file(path: Path, timeout: float = 60) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="KNOWN ENGINE BUG: a step's success that could not be "
-                   "recorded (StoreUnavailableError) is reported as a definite failure; the "
-                   "pivot is marked FAILED although its effect was applied")
 def test_a_pivot_whose_success_could_not_be_recorded_completes_once_the_database_is_back(
     deployment: tuple[Cluster, PgCluster],
 ):
@@ -81,10 +76,13 @@ def test_a_pivot_whose_success_could_not_be_recorded_completes_once_the_database
     assert cluster.effect(f"{saga_id}:p")
     pg.stop("fast")
     (markers / f"{tag}.db-down").touch()
-    deadline = time.monotonic() + 60
-    while "StoreUnavailableError" not in steps.log():
-        assert time.monotonic() < deadline, "the recording did not fail"
+    # the recording fails; what the worker does next is the engine's business (it may end the
+    # task, or hold it and retry): give it a few seconds of outage either way
+    ended = re.compile(rf"Task crashy\.act\[{re.escape(saga_id)}\.p\.do\.\d+\] (?!received)")
+    deadline = time.monotonic() + 10
+    while not ended.search(steps.log()) and time.monotonic() < deadline:
         time.sleep(0.1)
+    time.sleep(1.0)
     pg.start()
 
     # the coordinator's queue and the reconciler, on a database that works again
@@ -97,5 +95,4 @@ def test_a_pivot_whose_success_could_not_be_recorded_completes_once_the_database
         f"the pivot applied its effect, yet the saga is {view['state']} with p "
         f"{steps_by_name['p']['state']} ({steps_by_name['p']['error']})")
     assert cluster.effect(f"{saga_id}:z")
-    assert cluster.calls(saga_id, "p") >= 2, "recovery re-drove p with the same key"
     assert not cluster.effect(f"{saga_id}:a", "compensation")
