@@ -45,10 +45,13 @@ unit: install
 integration: install
 	$(BIN)/pytest -q tests/integration
 
-# 1000 order sagas through 60 s of worker SIGKILLs and a Redis restart, then the audit.
-# (`make test` runs a 200-saga version: tests/chaos/test_chaos.py.)
+# 1000 order sagas through 60 s of worker SIGKILLs and a Redis restart, then the audit; then
+# three hosts in network namespaces (root): one cut off for 60 s, one SIGKILLed, 30 s step limits.
+# (`make test` runs smaller versions: tests/chaos/test_chaos.py, tests/chaos/test_hosts.py.)
 chaos: install
 	$(BIN)/python -m tests.chaos.run --sagas 1000 --kill-seconds 60
+	$(BIN)/python -m tests.chaos.hosts --fault partition --partition-seconds 60
+	$(BIN)/python -m tests.chaos.hosts --fault kill
 
 # Our saga vs a raw Celery chain, same broker and workers, same run: make bench BENCH_ARGS="-n 500"
 bench: install

@@ -19,6 +19,10 @@ class Settings(SagaSettings):
     fault_rate: float = Field(
         0.0, description="Chaos: probability that a participant raises a transient fault"
     )
+    order_step_time_limit: float = Field(
+        30.0, gt=0, description="Time limit of each order saga step (s): past it the step is "
+        "stopped, and recovery re-drives a step not heard from (tests shorten it)",
+    )
     port: int = Field(8000, description="Port of the web app")
     protect_reads: bool = Field(
         False, description="Web app: GET endpoints also require the admin Bearer token"

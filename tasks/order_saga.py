@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from config import app, engine
 from config.queues import INVENTORY, PAYMENT, SAGA, SHIPPING
+from config.settings import get_app_settings
 from sagas import RetryPolicy, Saga, Step
 from tasks import inventory, payment, shipping
 
@@ -29,20 +30,22 @@ class OrderInput(BaseModel):
         return value
 
 
+STEP_TIME_LIMIT = get_app_settings().order_step_time_limit
+
 order_saga = engine.register(Saga(
     "order",
     steps=[
         Step(
             "reserve_inventory", action=inventory.reserve, compensation=inventory.release,
-            queue=INVENTORY, retry=RetryPolicy(attempts=5), time_limit=30,
+            queue=INVENTORY, retry=RetryPolicy(attempts=5), time_limit=STEP_TIME_LIMIT,
         ),
         Step(
             "charge_payment", action=payment.charge, compensation=payment.refund,
-            queue=PAYMENT, retry=RetryPolicy(attempts=5), time_limit=30,
+            queue=PAYMENT, retry=RetryPolicy(attempts=5), time_limit=STEP_TIME_LIMIT,
         ),
         Step(
             "ship_order", action=shipping.create_shipment, queue=SHIPPING, pivot=True,
-            retry=RetryPolicy(attempts=5), time_limit=30,
+            retry=RetryPolicy(attempts=5), time_limit=STEP_TIME_LIMIT,
         ),
     ],
     input_model=OrderInput,

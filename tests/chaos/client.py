@@ -2,6 +2,8 @@
 
 ``python -m tests.chaos.client start t_crashy '{"plan": {}}' [--id X] [--key K]``
 ``python -m tests.chaos.client orders 200 --over 0.3 --duration 20 --seed 1``
+``python -m tests.chaos.client --patience 60 orders ...`` keeps retrying a database that is down
+for up to 60 s (default 4).
 
 Prints one JSON line. A start records the saga in SQL first and publishes after; when the
 publish fails (Redis down or restarting) the saga still exists and recovery re-drives it, so
@@ -34,22 +36,27 @@ def order(rng: random.Random, i: int, over: bool, limit: float = 500.0) -> dict[
             "price": price}
 
 
-def _start(saga: str, data: dict[str, Any], saga_id: str | None, key: str | None) -> str:
-    """Start once; a store hiccup is retried with the same id (starts are idempotent)."""
-    for attempt in range(20):
+PATIENCE = 4.0  # seconds a start keeps retrying an unreachable store (--patience)
+
+
+def _start(saga: str, data: dict[str, Any], saga_id: str | None, key: str | None,
+           patience: float = PATIENCE) -> str:
+    """Start once; a store hiccup is retried with the same id (starts are idempotent), for up
+    to ``patience`` seconds (a test that takes the database down for longer raises it)."""
+    deadline = time.monotonic() + patience
+    while True:
         try:
             return start_saga(saga, data, saga_id=saga_id, idempotency_key=key)
         except StoreUnavailableError:
-            if attempt == 19:
+            if time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)
-    raise AssertionError("unreachable")
 
 
 def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
     data = json.loads(args.input)
     try:
-        saga_id = _start(args.saga, data, args.id, args.key)
+        saga_id = _start(args.saga, data, args.id, args.key, args.patience)
         return {"id": saga_id, "published": True}
     except Exception as exc:
         if args.id is None:
@@ -68,7 +75,7 @@ def cmd_orders(args: argparse.Namespace) -> dict[str, Any]:
         over += is_over
         saga_id = f"{args.prefix}-{i:05d}"
         try:
-            _start("order", order(rng, i, is_over), saga_id, saga_id)
+            _start("order", order(rng, i, is_over), saga_id, saga_id, args.patience)
         except StoreUnavailableError:
             raise
         except Exception as exc:  # the publish failed after the saga was recorded
@@ -97,6 +104,9 @@ def main(argv: list[str]) -> int:
     o.add_argument("--duration", type=float, default=0.0, help="spread the starts over this (s)")
     o.add_argument("--seed", type=int, default=1)
     o.add_argument("--prefix", default="chaos")
+    parser.add_argument("--patience", type=float, default=PATIENCE,
+                        help="seconds a start retries an unreachable database (before the "
+                        "command: client --patience 60 orders ...)")
     args = parser.parse_args(argv)
     config.app.loader.import_default_modules()  # every saga a worker knows
     result = cmd_start(args) if args.cmd == "start" else cmd_orders(args)

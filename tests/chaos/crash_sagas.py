@@ -10,7 +10,10 @@ is planned in the saga input under ``plan.<step>`` (``undo_plan.<step>`` for com
 - ``crash``: ``child`` (the pool process SIGKILLs itself on every delivery), ``worker_before``
   or ``worker_after`` (the whole worker, main process included, is SIGKILLed once, before or
   after the effect), ``coordinator`` (the worker is SIGKILLed once while committing the saga
-  transition that records this step's success: the coordinator dies mid-transition).
+  transition that records this step's success: the coordinator dies mid-transition),
+  ``store_down_on_record`` (once the effect is applied, the first SQL statement recording the
+  step's success waits until a test took the database down: it writes marker
+  ``<tag>.recording`` and waits for ``<tag>.db-down``; see tests/integration/test_store_outage.py).
 
 ``t_recovery_unit`` runs on a queue no worker serves, so tests can inspect what recovery
 publishes straight from the Redis list.
@@ -34,6 +37,7 @@ UNSERVED = "recovery_unit"
 FAST = RetryPolicy(attempts=3, backoff=0.05, backoff_max=0.2)
 
 _kill_at_commit = False
+_outage_at_record: str | None = None  # the tag of a step whose success recording must fail
 
 
 def crash_dir(root: Path | None = None) -> Path:
@@ -63,6 +67,21 @@ def _die_while_committing(conn: Any) -> None:
         _kill_worker()
 
 
+@event.listens_for(Engine, "before_cursor_execute")
+def _wait_for_the_outage(*_: Any) -> None:
+    """The first statement after a ``store_down_on_record`` effect: let the test stop the
+    database now, then go on (and meet a server that is gone)."""
+    global _outage_at_record
+    tag, _outage_at_record = _outage_at_record, None
+    if tag is None:
+        return
+    markers = crash_dir() / "markers"
+    (markers / f"{tag}.recording").touch()
+    deadline = time.monotonic() + 120
+    while not (markers / f"{tag}.db-down").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def effects(key: str, phase: str, root: Path | None = None) -> bool:
     return (crash_dir(root) / "effects" / f"{key}.{phase}").exists()
 
@@ -76,7 +95,7 @@ def calls(saga_id: str, step: str, phase: str, root: Path | None = None) -> int:
 
 
 def _run(ctx: dict[str, Any]) -> dict[str, Any]:
-    global _kill_at_commit
+    global _kill_at_commit, _outage_at_record
     phase = ctx["phase"]
     plans = ctx["input"].get("plan" if phase == "action" else "undo_plan", {})
     plan = plans.get(ctx["step"], {})
@@ -102,6 +121,8 @@ def _run(ctx: dict[str, Any]) -> dict[str, Any]:
         _kill_worker()
     if crash == "coordinator" and _once(tag):
         _kill_at_commit = True
+    if crash == "store_down_on_record" and _once(tag):
+        _outage_at_record = tag
     return {"step": ctx["step"], "applied": applied}
 
 
@@ -122,6 +143,11 @@ def _step(name: str, **kw: Any) -> Step:
 
 crashy = Saga("t_crashy", steps=[_step("a"), _step("b"), _step("c")])
 
+crashy_pivot = Saga(
+    "t_crashy_pivot",
+    steps=[_step("a"), _step("p", pivot=True, compensation=None), _step("z", compensation=None)],
+)
+
 
 def _unserved(name: str, **kw: Any) -> Step:
     kw.setdefault("compensation", "recovery_unit.undo")
@@ -141,5 +167,5 @@ recovery_pivot = Saga(
     deadline=3600,
 )
 
-for _saga in (crashy, recovery_unit, recovery_deadline, recovery_pivot):
+for _saga in (crashy, crashy_pivot, recovery_unit, recovery_deadline, recovery_pivot):
     engine.register(_saga)

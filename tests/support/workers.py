@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,9 +19,10 @@ class WorkerProcess:
     def __init__(
         self, env: dict[str, str], queues: str = ALL_QUEUES, concurrency: int = 4,
         name: str = "w", log_dir: Path | None = None, extra: list[str] | None = None,
-        app: str = "config",
+        app: str = "config", prefix: Sequence[str] = (),
     ) -> None:
         self.app = app
+        self.prefix = list(prefix)  # e.g. ``ip netns exec <ns>``: a worker on a test host
         self.env = env
         self.queues = queues
         self.concurrency = concurrency
@@ -34,7 +36,7 @@ class WorkerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", self.app, "worker",
+                *self.prefix, sys.executable, "-m", "celery", "-A", self.app, "worker",
                 "-Q", self.queues, "-c", str(self.concurrency), "-P", "prefork",
                 "-n", f"{self.name}-{os.getpid()}@%h", "--loglevel=INFO",
                 "--without-gossip", "--without-mingle", *self.extra,
