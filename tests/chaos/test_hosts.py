@@ -24,12 +24,6 @@ from tests.support.services import require_service
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.integration]
 
-# KNOWN ENGINE BUG (reported, not fixed here: sagas/store and sagas/ops/audit.py are being
-# rewritten): on PostgreSQL `sagas audit` crashes with this psycopg error. The store's checkout
-# ping (sagas/store/connect.py, _ping_when_idle) runs SELECT 1 on the raw connection and leaves it
-# in an open transaction; the audit then sets REPEATABLE READ on that connection, which psycopg
-# refuses. tests/integration/test_audit_postgresql.py pins it (strict xfail).
-AUDIT_ON_POSTGRESQL_BUG = "can't change 'autocommit' now"
 
 
 @pytest.fixture(autouse=True)
@@ -58,9 +52,6 @@ def _assert_audit_clean(result: HostsResult, sagas: int) -> None:
     """Last: the engine's rules and the order ledgers (every effect applied exactly once)."""
     audit = result.audit
     violations = audit.get("violations", [])
-    if violations and isinstance(violations[0], str) and AUDIT_ON_POSTGRESQL_BUG in violations[0]:
-        pytest.xfail("KNOWN ENGINE BUG: `sagas audit` crashes on PostgreSQL (see "
-                     "AUDIT_ON_POSTGRESQL_BUG); everything before the audit passed")
     assert audit.get("ok"), violations[:20]
     assert audit.get("sagas") == sagas
 

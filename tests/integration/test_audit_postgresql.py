@@ -1,13 +1,8 @@
 """`sagas audit` on PostgreSQL: the books of a fresh store are clean and it says so.
 
-KNOWN ENGINE BUG, pinned with a strict xfail (it XPASSes, and so fails, once fixed: remove the
-marker then). On PostgreSQL the audit crashes with a traceback, "psycopg.ProgrammingError:
-can't change 'autocommit' now: connection in transaction status INTRANS": the store's checkout
-ping (``_ping_when_idle`` in sagas/store/connect.py) runs ``SELECT 1`` on the raw DBAPI connection
-of every new or idle pooled connection and leaves its implicit transaction open; ``audit()``
-(sagas/ops/audit.py) then sets ``isolation_level="REPEATABLE READ"`` on that connection, which
-psycopg refuses inside a transaction. SQLite is unaffected, which is why the chaos run (SQLite)
-never saw it; the several-hosts tests (PostgreSQL) do.
+It once crashed there with "psycopg.ProgrammingError: can't change 'autocommit' now":
+the store's checkout ping (``_ping_when_idle``) left its ``SELECT 1`` transaction open and the
+audit's REPEATABLE READ was refused. SQLite never showed it; this test keeps PostgreSQL honest.
 """
 
 from __future__ import annotations
@@ -32,8 +27,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 SAGAS_CLI = "import sys; from sagas.ops.cli import main; sys.argv[0] = 'sagas'; main()"
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN ENGINE BUG: sagas audit crashes on PostgreSQL "
-                   "(the store's checkout ping leaves the connection in a transaction)")
 def test_sagas_audit_on_postgresql_reports_a_clean_store():
     require_service(postgres_reachable(), "PostgreSQL at 127.0.0.1:5432")
     name, url = create_pg_database()
