@@ -39,6 +39,7 @@ from sagas.observe.listeners import (
 )
 from sagas.runtime.handle import SagaHandle, SagaOutcome, StepOutcome
 from sagas.runtime.message import StepContext
+from sagas.runtime.starter import StartTask
 from sagas.settings import SagaSettings
 from sagas.states import SagaState, StepState
 
@@ -67,6 +68,7 @@ __all__ = [
     "SagaStateError",
     "SagaTimeoutError",
     "Sagas",
+    "StartTask",
     "Step",
     "StepAttempt",
     "StepContext",

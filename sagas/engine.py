@@ -32,6 +32,7 @@ from sagas.runtime.dispatch import (
 from sagas.runtime.handle import SagaHandle, SagaOutcome, read_outcomes
 from sagas.runtime.recovery import BEAT_ENTRY, RecoveryReport, beat_entry, recover_stalled
 from sagas.runtime.relay import Relay
+from sagas.runtime.starter import StartTask, make_start_task
 from sagas.runtime.transitions import cancel_saga, retry_saga, start_saga
 from sagas.settings import SagaSettings
 from sagas.states import SagaState
@@ -297,6 +298,22 @@ class Sagas:
             version=version,
         )
         return SagaHandle(self._binding, started)
+
+    def start_task(
+        self, saga: Saga | str, *, name: str | None = None, **options: Any
+    ) -> StartTask:
+        """A Celery task that starts ``saga`` durably, for code that starts work with ``.delay``.
+
+        ``task.delay(data)`` (or ``apply_async((data,), {"idempotency_key": key},
+        task_id=...)``) records the saga in the store and publishes its first steps before it
+        returns, in the caller's process; the AsyncResult's id is the saga id. A store that
+        cannot be reached raises ``StoreUnavailableError`` there. With ``countdown``/``eta``
+        the saga is recorded PENDING and started then. ``name`` defaults to
+        ``sagas.start.<saga>``; other options go to ``app.task`` (the queue defaults to the
+        saga queue, where a start message sent by name is run).
+        """
+        definition = saga if isinstance(saga, Saga) else self.saga(saga)
+        return make_start_task(self._binding, definition, name, **options)
 
     def handle(self, saga_id: str) -> SagaHandle:
         """A handle on an existing saga id (e.g. the id of ``start_order_saga.delay(...)``)."""

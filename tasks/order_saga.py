@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from config import app, engine
-from config.queues import INVENTORY, PAYMENT, SAGA, SHIPPING
+from config import engine
+from config.queues import INVENTORY, PAYMENT, SHIPPING
 from config.settings import get_app_settings
 from sagas import RetryPolicy, Saga, Step
 from tasks import inventory, payment, shipping
@@ -52,9 +51,6 @@ order_saga = engine.register(Saga(
 ))
 
 
-@app.task(name="orders.start_saga", bind=True, queue=SAGA)
-def start_order_saga(self: Any, order: dict[str, Any], idempotency_key: str | None = None) -> str:
-    """``start_order_saga.delay(order)``: the AsyncResult's id is the saga id."""
-    return engine.start(
-        order_saga, order, saga_id=self.request.id, idempotency_key=idempotency_key
-    ).id
+# ``start_order_saga.delay(order)`` records the saga before it returns (the AsyncResult's id is
+# the saga id): a broker that loses messages can delay an order, never lose it.
+start_order_saga = engine.start_task(order_saga, name="orders.start_saga")

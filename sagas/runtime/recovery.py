@@ -127,6 +127,8 @@ def _still_stalled(binding: Binding, now: datetime, report: RecoveryReport) -> P
     """
 
     def check(conn: Connection, snap: SagaSnapshot) -> Ignored | None:
+        if snap.state is SagaState.PENDING:
+            return None  # recorded to start by now (a delayed start whose message was lost)
         due = stall_deadline(binding.settings, binding.find(snap.name, snap.version), snap)
         if due is None:
             return Ignored(IgnoreKind.PRECONDITION, "no work in flight any more")
@@ -154,7 +156,7 @@ def _really_stalled(binding: Binding, candidates: list[str], now: datetime) -> l
     found = []
     for saga_id, snap in binding.store.read_outcomes(candidates).items():
         due = stall_deadline(binding.settings, binding.find(snap.name, snap.version), snap)
-        if due is not None and due < now:
+        if snap.state is SagaState.PENDING or (due is not None and due < now):
             found.append(saga_id)
     return found
 

@@ -31,13 +31,14 @@ from sagas.coordinator import (
     decide_success_alone,
 )
 from sagas.definition import Saga
-from sagas.errors import SagaNotFoundError
+from sagas.errors import OutageKind, SagaNotFoundError, outage_of
 from sagas.observe.listeners import notify, refused_event
 from sagas.runtime.binding import Binding
 from sagas.runtime.dispatch import publish
 from sagas.runtime.message import StepContext
 from sagas.settings import SagaSettings
 from sagas.states import SAGA_SETTLED, SagaState, StepState
+from sagas.store import outages
 from sagas.store import sql as store_sql
 from sagas.store.sql import deadline_after, input_digest
 
@@ -107,11 +108,60 @@ def start_saga(
         deadline_at=deadline_at,
     )
     if not new:
-        log.info("duplicate start of saga %s ignored", recorded)
+        if recorded == saga_id:
+            # The same id again: a redelivered start, or the message of a delayed start whose
+            # saga waits PENDING. Started changes nothing on a saga that already runs.
+            apply_event(binding, saga_id, Started())
+        else:
+            log.info("duplicate start of saga %s ignored", recorded)
         return recorded
     notify(snap, decision, Started())
-    (binding.publisher or publish)(binding, definition, snap, decision.dispatches)
+    try:
+        (binding.publisher or publish)(binding, definition, snap, decision.dispatches)
+    except Exception as exc:
+        outage = outage_of(exc)
+        if outage is None or outage.kind is not OutageKind.BROKER:
+            raise
+        # The saga is recorded: it is not lost, only late. Its first steps are re-driven by
+        # recovery once the broker answers (one line per outage, not one per start).
+        outages.down("broker", exc,
+                     "the broker is unavailable: sagas are recorded and their first steps "
+                     "wait for recovery to publish them")
+    else:
+        outages.up("broker")
     return saga_id
+
+
+def record_pending_start(
+    binding: Binding,
+    saga: Saga | str,
+    data: Any,
+    *,
+    saga_id: str,
+    idempotency_key: str | None = None,
+    version: int | None = None,
+    not_before: datetime,
+) -> str:
+    """Record a saga PENDING, to be started at ``not_before`` (a delayed start).
+
+    Its start message does it then; if that message is lost, the reconciler starts the saga
+    once its deadline (``not_before``) has passed. Returns the saga's id (the first one's,
+    for a duplicate).
+    """
+    definition = saga if isinstance(saga, Saga) else binding.saga(saga, version)
+    payload = definition.validate_input(data)
+    digest = input_digest(payload) if idempotency_key is not None else None
+    snap = SagaSnapshot(
+        id=saga_id, name=definition.name, state=SagaState.PENDING, input=payload,
+        steps={n: StepSnapshot(n) for n in definition.order},
+        version=definition.version, fingerprint=definition.fingerprint,
+    )
+    deadline_at = deadline_after(definition.deadline) if definition.deadline else None
+    recorded, _ = binding.store.start(
+        snap, Decision(), idempotency_key=idempotency_key, digest=digest,
+        stall_deadline=not_before, deadline_at=deadline_at, cause="Recorded",
+    )
+    return recorded
 
 
 def record_success(

@@ -27,7 +27,7 @@ from sagas.coordinator import (
 )
 from sagas.states import SagaState, StepState, can_transition_step
 
-GRAPH_CAUSES = frozenset({"Started", "Migrated"})
+GRAPH_CAUSES = frozenset({"Started", "Recorded", "Migrated"})
 """Causes of a saga's first log row, which names the instance's steps in its ``result``."""
 
 _ACTION_COUNTED = frozenset({StepState.RUNNING, StepState.SUCCEEDED, StepState.FAILED})

@@ -335,6 +335,7 @@ class Store:
         digest: str | None,
         stall_deadline: datetime | None,
         deadline_at: datetime | None,
+        cause: str = "Started",
     ) -> tuple[str, bool]:
         """Record a new saga and its first decision: (the saga's id, whether it is new).
 
@@ -349,7 +350,7 @@ class Store:
             "stall_deadline": stall_deadline, "deadline_at": deadline_at, "version": 1,
             "definition_version": snap.version, "definition_fingerprint": snap.fingerprint,
         }
-        entry = self._log_params(snap, decision, "Started", None, {"steps": list(snap.steps)})
+        entry = self._log_params(snap, decision, cause, None, {"steps": list(snap.steps)})
         if self.dialect == "postgresql":
             params = {**{f"s_{k}": v for k, v in saga.items()}, **entry}
             inserted = self.single("start_pg", params)

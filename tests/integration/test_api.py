@@ -24,7 +24,7 @@ from config.settings import Settings
 from config.web import create_app
 from tests.conftest import Backend, wait_for_saga
 from tests.support import test_sagas as ts
-from tests.support.engine import get_store, start_saga
+from tests.support.engine import get_store, make_stale, recover_stalled, start_saga
 from tests.support.services import free_port
 
 pytestmark = [
@@ -387,26 +387,34 @@ def test_with_the_database_unreachable_every_route_answers_503_not_500(
     assert "Exception in ASGI application" not in logged and "Traceback" not in logged
 
 
-def test_with_the_broker_unreachable_an_order_is_503_and_not_kept(
+def test_with_the_broker_unreachable_an_order_is_recorded_and_runs_once_it_is_back(
     client: TestClient, engine_backend: Backend, tmp_path: Path
 ):
+    """The start is durable: a broker outage delays an order, it never loses or refuses it."""
     env = {**engine_backend.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"}
     body = an_order()
     with uvicorn_app(env, tmp_path / "uvicorn.log") as base:
-        response = httpx.post(f"{base}/orders", json=body, timeout=30)
-        assert response.status_code == 503, response.text
-        assert response.json() == {"detail": "broker unavailable, try again later"}
+        accepted = [httpx.post(f"{base}/orders", json=body, timeout=30) for _ in range(2)]
+        for response in accepted:
+            assert response.status_code == 202, response.text
+            assert response.json()["status"] == "RUNNING", "recorded, its first step waiting"
         health = httpx.get(f"{base}/healthz", timeout=30)
         assert health.status_code == 503
         assert health.json()["broker"].startswith("unavailable")
         assert health.json()["database"] == "ok"
-        assert httpx.get(f"{base}/sagas", timeout=20).status_code == 200, "reads still work"
     logged = (tmp_path / "uvicorn.log").read_text()
     assert "Exception in ASGI application" not in logged and "Traceback" not in logged
-    warnings = [line for line in logged.splitlines() if "broker unavailable" in line]
-    assert warnings, logged
+    said = [line for line in logged.splitlines() if "the broker is unavailable" in line]
+    assert len(said) == 1, f"one line per outage, not one per order:\n{logged}"
+    orders = [r.json()["id"] for r in accepted]
     assert client.get("/orders", params={"customer_id": body["customer_id"]}).json()[
-        "total"] == 0
+        "total"] == 2
+    # Nothing of it was published: recovery re-drives the first step once its deadline passed.
+    for order_id in orders:
+        make_stale(order_id)
+    recover_stalled()
+    for order_id in orders:
+        assert wait_for_saga(order_id)["state"] == "COMPLETED"
 
 
 def test_the_root_points_to_the_dashboard_and_the_docs_which_work_offline(client: TestClient):

@@ -9,8 +9,8 @@ EXPECTED = {
     "Sagas", "SagaSettings", "AuditCheck",
     # declaring sagas
     "Saga", "Step", "RetryPolicy", "StepContext",
-    # running them: the handle and what it reads
-    "SagaHandle", "SagaOutcome", "StepOutcome", "SagaState", "StepState",
+    # running them: the handle and what it reads, a durable start task for ``.delay`` callers
+    "SagaHandle", "SagaOutcome", "StepOutcome", "SagaState", "StepState", "StartTask",
     # what retry and cancel answer, and why an event changed nothing
     "Decision", "Ignored", "IgnoreKind",
     # listeners
