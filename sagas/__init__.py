@@ -5,7 +5,7 @@ everything else is internal. Start with ``Sagas(app, settings)``.
 """
 
 from sagas.coordinator import Decision, Ignored, IgnoreKind
-from sagas.definition import RetryPolicy, Saga, Step
+from sagas.definition import LockPolicy, RetryPolicy, Saga, Step
 from sagas.engine import AuditCheck, Sagas
 from sagas.errors import (
     BusinessError,
@@ -17,6 +17,7 @@ from sagas.errors import (
     InvalidSagaInputError,
     InvalidTransitionError,
     SagaError,
+    SagaLockedError,
     SagaNotFoundError,
     SagaStateError,
     SagaTimeoutError,
@@ -56,11 +57,13 @@ __all__ = [
     "Ignored",
     "InvalidSagaInputError",
     "InvalidTransitionError",
+    "LockPolicy",
     "RetryPolicy",
     "Saga",
     "SagaError",
     "SagaHandle",
     "SagaListener",
+    "SagaLockedError",
     "SagaNotFoundError",
     "SagaOutcome",
     "SagaSettings",

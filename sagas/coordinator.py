@@ -90,6 +90,21 @@ class Started:
 
 
 @dataclass(frozen=True)
+class LockWaiting:
+    """A start found one of its saga's semantic locks held: it waits for that key."""
+
+    key: str
+    holder: str
+
+
+@dataclass(frozen=True)
+class LockGranted:
+    """A WAITING saga was given the last key it waited for: it starts."""
+
+    key: str
+
+
+@dataclass(frozen=True)
 class StepSucceeded:
     step: str
     phase: Phase
@@ -143,8 +158,8 @@ class DeadlinePassed:
 
 
 Event = (
-    Started | StepSucceeded | StepFailed | StepRetrying | CancelRequested | RetryRequested
-    | Redrive | DeadlinePassed
+    Started | LockWaiting | LockGranted | StepSucceeded | StepFailed | StepRetrying
+    | CancelRequested | RetryRequested | Redrive | DeadlinePassed
 )
 
 
@@ -329,8 +344,8 @@ def decide_success_alone(
     nothing and the caller decides with ``decide`` under the saga's lock instead.
     """
     shape = saga.success_shape.get(step)
-    if shape is None:
-        return None
+    if shape is None or (shape is SuccessShape.COMPLETE and saga.locks is not None):
+        return None  # (a saga with semantic locks releases them as it completes: the lock path)
     snap.state = SagaState.RUNNING
     snap.steps[step] = StepSnapshot(step, StepState.RUNNING, attempts=attempt)
     children = saga.children[step]
@@ -353,6 +368,28 @@ def _on_started(m: _Machine, event: Started) -> Ignored | None:
         return Ignored(IgnoreKind.ALREADY_STARTED, f"saga already {m.snap.state}")
     m.saga_to(SagaState.RUNNING)
     m.run_ready_steps()
+    return None
+
+
+def _on_lock_granted(m: _Machine, event: LockGranted) -> Ignored | None:
+    if m.snap.state != SagaState.WAITING:
+        return Ignored(IgnoreKind.ALREADY_STARTED, f"saga already {m.snap.state}")
+    m.saga_to(SagaState.RUNNING)
+    m.run_ready_steps()
+    return None
+
+
+def _on_lock_waiting(m: _Machine, event: LockWaiting) -> Ignored | None:
+    if m.snap.state not in (SagaState.PENDING, SagaState.WAITING):
+        return Ignored(IgnoreKind.ALREADY_STARTED, f"saga already {m.snap.state}")
+    # The reason rides on the transition (the history, `sagas show`), not as the saga's error.
+    check_saga_transition(m.snap.state, SagaState.WAITING)
+    m.out.transitions.append(Transition(
+        None, m.snap.state, SagaState.WAITING, 0,
+        f"waiting for key {event.key!r}, held by saga {event.holder}",
+    ))
+    m.snap.state = SagaState.WAITING
+    m.out.saga_changed = True
     return None
 
 
@@ -447,7 +484,7 @@ def _on_retrying(m: _Machine, event: StepRetrying) -> Ignored | None:
 def _on_cancel(m: _Machine, event: CancelRequested) -> Ignored | None:
     if m.snap.state == SagaState.COMPENSATING:
         return Ignored(IgnoreKind.ALREADY_COMPENSATING, "saga is already compensating")
-    if m.snap.state not in (SagaState.PENDING, SagaState.RUNNING):
+    if m.snap.state not in (SagaState.PENDING, SagaState.WAITING, SagaState.RUNNING):
         raise SagaStateError(f"saga {m.snap.id} is {m.snap.state}; only a running saga cancels")
     if m.pivot_passed():
         raise SagaStateError(
@@ -469,12 +506,19 @@ def _on_retry(m: _Machine, event: RetryRequested) -> Ignored | None:
         return None
     if m.snap.state in (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.PENDING):
         return _on_redrive(m, Redrive())
+    if m.snap.state == SagaState.WAITING:
+        raise SagaStateError(
+            f"saga {m.snap.id} is WAITING for a semantic lock; it starts when the key frees "
+            "(`sagas locks` shows who holds it)"
+        )
     raise SagaStateError(f"saga {m.snap.id} is {m.snap.state}; there is nothing to retry")
 
 
 def _on_redrive(m: _Machine, event: Redrive) -> Ignored | None:
     if m.snap.state == SagaState.PENDING:
         return _on_started(m, Started())
+    if m.snap.state == SagaState.WAITING:
+        return Ignored(IgnoreKind.NOTHING_TO_REDRIVE, "waiting for a semantic lock")
     wanted = set(event.steps) or set(m.snap.steps)
     for name in m.saga.order:
         step = m.snap.steps[name]
@@ -508,7 +552,7 @@ def _on_redrive(m: _Machine, event: Redrive) -> Ignored | None:
 
 
 def _on_deadline(m: _Machine, event: DeadlinePassed) -> Ignored | None:
-    if m.snap.state not in (SagaState.PENDING, SagaState.RUNNING):
+    if m.snap.state not in (SagaState.PENDING, SagaState.WAITING, SagaState.RUNNING):
         return Ignored(IgnoreKind.SETTLED, f"saga already {m.snap.state}")
     if m.pivot_passed():
         return Ignored(
@@ -528,6 +572,8 @@ def _on_deadline(m: _Machine, event: DeadlinePassed) -> Ignored | None:
 
 _HANDLERS: dict[type, Callable[[_Machine, Any], Ignored | None]] = {
     Started: _on_started,
+    LockWaiting: _on_lock_waiting,
+    LockGranted: _on_lock_granted,
     StepSucceeded: _on_succeeded,
     StepFailed: _on_failed,
     StepRetrying: _on_retrying,

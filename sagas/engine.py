@@ -36,7 +36,7 @@ from sagas.runtime.starter import StartTask, make_start_task
 from sagas.runtime.transitions import cancel_saga, retry_saga, start_saga
 from sagas.settings import SagaSettings
 from sagas.states import SagaState
-from sagas.store import migrate
+from sagas.store import locks, migrate
 from sagas.store.sql import Store
 
 log = logging.getLogger("sagas")
@@ -326,6 +326,18 @@ class Sagas:
     def outcomes(self, saga_ids: Sequence[str]) -> dict[str, SagaOutcome]:
         """Many sagas with their steps, in two queries; ids never recorded are absent."""
         return read_outcomes(self._binding, saga_ids)
+
+    def lock_holder(self, key: str) -> str | None:
+        """The saga holding semantic lock ``key``, or None: for a pessimistic view (a read API
+        that shows a record as "being changed" while a saga holds its key)."""
+        with self.store.read() as conn:
+            return locks.holder_of(conn, key)
+
+    def locks(self, key: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Held semantic locks, newest first (or just ``key``): each with its holder and the
+        sagas waiting for it in arrival order."""
+        with self.store.read() as conn:
+            return locks.listing(conn, key, limit)
 
     def retry(self, saga_id: str) -> Decision:
         """Resume a parked (COMPENSATION_FAILED) saga, or re-drive a stalled one."""

@@ -9,6 +9,7 @@ from sagas.errors import InvalidTransitionError
 
 class SagaState(StrEnum):
     PENDING = "PENDING"
+    WAITING = "WAITING"  # a semantic lock it needs is held: it starts when the key frees
     RUNNING = "RUNNING"
     COMPENSATING = "COMPENSATING"
     COMPLETED = "COMPLETED"
@@ -38,7 +39,14 @@ SAGA_SETTLED = SAGA_TERMINAL | {SagaState.COMPENSATION_FAILED}
 """States in which nothing runs until an operator acts."""
 
 SAGA_TRANSITIONS: dict[SagaState, frozenset[SagaState]] = {
-    SagaState.PENDING: frozenset({SagaState.RUNNING, SagaState.COMPENSATING}),
+    SagaState.PENDING: frozenset(
+        {SagaState.WAITING, SagaState.RUNNING, SagaState.COMPENSATING}
+    ),
+    # Its keys granted, it starts; cancelled or past its deadline, it rolls back (nothing ran).
+    # WAITING -> WAITING: given one key, it waits for its next one.
+    SagaState.WAITING: frozenset(
+        {SagaState.WAITING, SagaState.RUNNING, SagaState.COMPENSATING}
+    ),
     SagaState.RUNNING: frozenset({SagaState.COMPLETED, SagaState.COMPENSATING}),
     SagaState.COMPENSATING: frozenset({SagaState.COMPENSATED, SagaState.COMPENSATION_FAILED}),
     # An operator's retry resumes a parked rollback.

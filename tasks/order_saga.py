@@ -30,6 +30,21 @@ class OrderInput(BaseModel):
 
 
 STEP_TIME_LIMIT = get_app_settings().order_step_time_limit
+LOCKS = {k.strip() for k in get_app_settings().order_locks.split(",") if k.strip()}
+
+
+def order_locks(order: OrderInput) -> list[str]:
+    """Semantic locks: one order per customer at a time, one per item (``ORDER_LOCKS``).
+
+    A second order of the same customer waits until the first one ends: two orders never
+    interleave their charges and refunds of one customer, nor their reservations of one item.
+    """
+    keys = []
+    if "customer" in LOCKS:
+        keys.append(f"customer:{order.customer_id}")
+    if "sku" in LOCKS:
+        keys.append(f"sku:{order.item}")
+    return keys
 
 order_saga = engine.register(Saga(
     "order",
@@ -48,6 +63,8 @@ order_saga = engine.register(Saga(
         ),
     ],
     input_model=OrderInput,
+    locks=order_locks if LOCKS else None,
+    on_locked=get_app_settings().order_lock_policy,
 ))
 
 

@@ -383,6 +383,14 @@ def show(saga_id: SagaId, as_json: AsJson = False) -> None:
         table.add_row(s["name"], styled(s["state"]), str(s["attempts"]),
                       str(s["compensation_attempts"]), s["error"] or "")
     out.print(table)
+    held = view.get("locks") or {}
+    if held.get("holds"):
+        out.print("holds semantic locks: " + ", ".join(held["holds"]), markup=False,
+                  highlight=False, soft_wrap=True)
+    for key in held.get("waits") or ():
+        holder = engine().lock_holder(key)
+        out.print(f"waits for key {key} (held by saga {holder or 'nobody now'})", markup=False,
+                  highlight=False, soft_wrap=True)
     out.print("input: " + json.dumps(view["context"]["input"], default=str), markup=False,
               highlight=False, soft_wrap=True)
     for step_name, result in view["context"]["results"].items():
@@ -495,6 +503,37 @@ def retry(saga_id: SagaId) -> None:
 def cancel(saga_id: SagaId) -> None:
     """Cancel a running saga: its succeeded steps are compensated."""
     _operate(saga_id, lambda current, found: current.cancel(found))
+
+
+@command(cli, "locks")
+@operator_errors
+def locks_cmd(
+    key: Annotated[str | None, typer.Argument(
+        metavar="KEY", show_default=False,
+        help="Only this key (e.g. customer:c1); by default every held key")] = None,
+    limit: Annotated[int, typer.Option(
+        metavar="N", callback=_within(1, MAX_OFFSET), help="Most keys to list")] = 100,
+    as_json: AsJson = False,
+) -> None:
+    """Semantic locks: who holds each key, and who waits for it in arrival order."""
+    rows = engine().locks(key, limit)
+    if as_json:
+        print_json([{**r, "taken_at": _iso_or_none(r["taken_at"])} for r in rows])
+        return
+    if not rows:
+        out.print(f"key {key} is free" if key else "no key is held", highlight=False)
+        return
+    # Keys and saga ids are whole at any width (ids are what `show` takes).
+    for r in rows:
+        out.print(f"{r['key']}  held by {r['holder']}", markup=False, highlight=False,
+                  soft_wrap=True)
+        for position, waiter in enumerate(r["waiting"], 1):
+            out.print(f"  {position}. waiting: {waiter}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
+def _iso_or_none(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 @command(cli, "recover")

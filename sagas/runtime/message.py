@@ -32,6 +32,7 @@ class StepContext(BaseModel):
     inline: bool = False
     input: dict[str, Any] = Field(default_factory=dict)
     results: dict[str, Any] = Field(default_factory=dict)
+    locks: list[str] = Field(default_factory=list)  # the semantic locks its saga holds
 
     @staticmethod
     def build(
@@ -46,6 +47,7 @@ class StepContext(BaseModel):
         inline: bool,
         input: dict[str, Any],
         results: dict[str, Any],
+        locks: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """The message body (a plain JSON object: what Celery serialises and Flower shows)."""
         return {
@@ -53,6 +55,7 @@ class StepContext(BaseModel):
             "version": version,
             "idempotency_key": idempotency_key(saga_id, step), "after_pivot": after_pivot,
             "inline": inline, "input": input, "results": results,
+            **({"locks": list(locks)} if locks else {}),
         }
 
     @classmethod

@@ -36,8 +36,9 @@ from sagas.store.sql import sagas_t, utcnow
 log = logging.getLogger("sagas.recovery")
 
 LIVE_STATES = (SagaState.PENDING, SagaState.RUNNING, SagaState.COMPENSATING)
+"""States with work that can stall (a WAITING saga waits for a key, not for a step)."""
 # Only a saga that has not passed its pivot can still be turned back by its deadline.
-DEADLINE_STATES = (SagaState.PENDING, SagaState.RUNNING)
+DEADLINE_STATES = (SagaState.PENDING, SagaState.WAITING, SagaState.RUNNING)
 
 
 BEAT_ENTRY = "sagas-recover-stalled"

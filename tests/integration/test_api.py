@@ -20,6 +20,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from config import engine
 from config.settings import Settings
 from config.web import create_app
 from tests.conftest import Backend, wait_for_saga
@@ -395,9 +396,10 @@ def test_with_the_broker_unreachable_an_order_is_recorded_and_runs_once_it_is_ba
     body = an_order()
     with uvicorn_app(env, tmp_path / "uvicorn.log") as base:
         accepted = [httpx.post(f"{base}/orders", json=body, timeout=30) for _ in range(2)]
-        for response in accepted:
-            assert response.status_code == 202, response.text
-            assert response.json()["status"] == "RUNNING", "recorded, its first step waiting"
+        assert [r.status_code for r in accepted] == [202, 202], accepted[-1].text
+        # Recorded: the first with its first step waiting for the broker, the second (the
+        # same customer and item: the order's semantic locks) queued behind it.
+        assert [r.json()["status"] for r in accepted] == ["RUNNING", "WAITING"]
         health = httpx.get(f"{base}/healthz", timeout=30)
         assert health.status_code == 503
         assert health.json()["broker"].startswith("unavailable")
@@ -442,3 +444,30 @@ def test_the_sagas_list_filters_by_definition_version(client: TestClient):
     assert client.get("/dashboard/api/sagas", params={"version": 2, "q": saga_id}).json()[
         "sagas"] == []
     assert client.get(f"/sagas/{saga_id}").json()["version"] == 1
+
+
+def test_with_reject_a_second_order_of_a_busy_customer_is_409_naming_the_key_and_holder(
+    engine_backend: Backend, tmp_path: Path
+):
+    # No broker: the first order's saga stays RUNNING (recorded, its first step not yet sent),
+    # holding its customer's key for as long as this test needs.
+    env = {**engine_backend.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0",
+           "ORDER_LOCK_POLICY": "reject", "ORDER_LOCKS": "customer"}
+    body = an_order()
+    with uvicorn_app(env, tmp_path / "uvicorn.log") as base:
+        first = httpx.post(f"{base}/orders", json=body, timeout=30)
+        assert first.status_code == 202 and first.json()["status"] == "RUNNING", first.text
+        second = httpx.post(f"{base}/orders", json={**body, "item": "phone"}, timeout=30)
+        assert second.status_code == 409, second.text
+        assert second.json()["key"] == f"customer:{body['customer_id']}"
+        assert second.json()["holder"] == first.json()["id"]
+        assert f"held by saga {first.json()['id']}" in second.json()["detail"]
+        listed = httpx.get(f"{base}/orders", params={"customer_id": body["customer_id"]},
+                           timeout=30).json()
+        assert [o["id"] for o in listed["items"]] == [first.json()["id"]], "the refused one "
+        "is not kept"
+        held = httpx.get(f"{base}/locks", params={"key": second.json()["key"]}, timeout=30)
+        assert held.status_code == 200
+        assert [(r["key"], r["holder"]) for r in held.json()] == [
+            (second.json()["key"], first.json()["id"])]
+    engine.cancel(first.json()["id"])  # give the key back (nothing of the saga ran)
