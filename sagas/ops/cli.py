@@ -737,7 +737,7 @@ def _checkout_module(name: str) -> Any:
 
 
 _THROUGHPUT_ONLY = ("n", "failure_n", "repeat", "idle", "warmup", "redis_url",
-                    "use_running_workers", "no_failure", "quick", "keep")
+                    "use_running_workers", "no_failure", "quick", "keep", "locks")
 """Options of the throughput bench that ``--in-flight`` has no use for."""
 
 
@@ -785,6 +785,8 @@ def bench(
         "the whole drain's limit, default 1800)")] = None,
     keep: Annotated[bool, typer.Option(
         "--keep", help="Keep the temporary directory (the worker's log)")] = False,
+    locks: Annotated[bool, typer.Option(
+        "--locks", help="Our saga under semantic locks, a distinct key per saga")] = False,
 ) -> None:
     """Our saga against a raw Celery chain of the same tasks, in the same run.
 
@@ -811,7 +813,7 @@ def bench(
         n=n, failure_n=failure_n, repeat=repeat, idle=idle, warmup=warmup,
         concurrency=concurrency, database_url=database_url, redis_url=redis_url,
         use_running_workers=use_running_workers, no_failure=no_failure, quick=quick,
-        json_path=json_path, timeout=timeout or 120.0, keep=keep,
+        json_path=json_path, timeout=timeout or 120.0, keep=keep, locks=locks,
     )))
 
 

@@ -79,6 +79,7 @@ def test_db_upgrade_makes_a_fresh_database_ready_to_list(tmp_path: Path, redis_s
     inspector = sqlalchemy.inspect(sqlalchemy.create_engine(env["DATABASE_URL"]))
     tables = set(inspector.get_table_names())
     assert tables == {"saga_instances", "saga_log", "saga_relay_cursor", "saga_dead_letters",
+                      "saga_locks", "saga_lock_waits",
                       "sagas_alembic_version"}, "only the engine's tables, none of the sample's"
     listed = sagas(env, "list", "--json")
     assert listed.returncode == 0, listed.stderr

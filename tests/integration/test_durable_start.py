@@ -105,7 +105,10 @@ def test_a_burst_of_starts_survives_the_broker_wiped_right_after_the_calls_retur
     try:
         cluster.migrate()
         ids = cluster.client("delay", "40")["ids"]  # no worker yet: nothing consumed
-        assert set(cluster.states(ids).values()) == {"RUNNING"}, "recorded before returning"
+        # Recorded before returning: running, or queued behind an order of the same customer
+        # or item (the order's semantic locks).
+        assert set(cluster.states(ids).values()) <= {"RUNNING", "WAITING"}
+        assert len(cluster.states(ids)) == 40
         redis.Redis.from_url(cluster.redis.url).flushall()  # every first step's message gone
         cluster.start_workers({"all": ("inventory,payment,shipping,saga", 4)})
         cluster.start_beat()

@@ -32,6 +32,7 @@ COPY_IGNORE = shutil.ignore_patterns(
     "__pycache__", "*.egg-info", "build", "dist", "var", "*.db",
 )
 ENGINE_TABLES = {"saga_instances", "saga_log", "saga_relay_cursor", "saga_dead_letters",
+                 "saga_locks", "saga_lock_waits",
                  "sagas_alembic_version"}
 SAMPLE_TABLES = {"orders", "inventory_stock", "inventory_reservations", "payment_charges",
                  "payment_refunds", "shipments", "alembic_version"}
