@@ -5,7 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_STAMP := $(VENV)/.demo-stamp
 
-.PHONY: install demo test unit integration chaos bench web up flower relay lint format clean
+.PHONY: install demo test unit integration chaos bench web up ps flower relay lint format clean
+
+# make up's supervisord: its control socket, its log and one log per program (supervisord.conf).
+SAGAS_RUN_DIR ?= $(CURDIR)/var/run
+# Web app, workers and relay count metrics in one directory (README, Metrics); the first
+# process to start empties it of an earlier run's files. The Procfile's default is the same.
+METRICS_DIR ?= $(CURDIR)/var/metrics
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -46,11 +52,19 @@ chaos: install
 bench: install
 	$(BIN)/sagas bench $(BENCH_ARGS)
 
-# The Procfile's pieces, against REDIS_URL and DATABASE_URL (defaults: local Redis, SQLite).
+# The Procfile's processes under supervisord, against BROKER_URL/REDIS_URL and DATABASE_URL
+# (defaults: local Redis, SQLite). One process that dies is restarted; the others run on.
+# `make ps` (from another shell) lists them; logs are in $(SAGAS_RUN_DIR)/log.
 up: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -p $${PORT:-8000}
+	@mkdir -p "$(SAGAS_RUN_DIR)/log"
+	PATH="$(CURDIR)/$(BIN):$$PATH" SAGAS_RUN_DIR="$(SAGAS_RUN_DIR)" \
+		$(BIN)/supervisord -c supervisord.conf
+
+ps: install
+	SAGAS_RUN_DIR="$(SAGAS_RUN_DIR)" $(BIN)/supervisorctl -c supervisord.conf status
 
 web: install
+	export PROMETHEUS_MULTIPROC_DIR="$${PROMETHEUS_MULTIPROC_DIR:-$(METRICS_DIR)}"; \
 	$(BIN)/sagas -A config db upgrade && $(BIN)/python -m tasks.migrate \
 		&& $(BIN)/uvicorn config.web:app --port $${PORT:-8000}
 
@@ -58,7 +72,8 @@ flower: install
 	$(BIN)/celery -A config flower --port=$${FLOWER_PORT:-5555}
 
 relay: install
-	$(BIN)/sagas -A config relay
+	PROMETHEUS_MULTIPROC_DIR="$${PROMETHEUS_MULTIPROC_DIR:-$(METRICS_DIR)}" \
+		$(BIN)/sagas -A config relay
 
 lint: install
 	$(BIN)/ruff check .

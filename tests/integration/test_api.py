@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from config.settings import Settings
 from config.web import create_app
-from tests.conftest import Backend, wait_for_saga
+from tests.conftest import Backend, broker_down, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.engine import get_store, start_saga
 from tests.support.services import free_port
@@ -387,7 +387,7 @@ def test_with_the_database_unreachable_every_route_answers_503_not_500(
 def test_with_the_broker_unreachable_an_order_is_503_and_not_kept(
     client: TestClient, engine_backend: Backend, tmp_path: Path
 ):
-    env = {**engine_backend.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"}
+    env = {**engine_backend.env, **broker_down(closed_port())}
     body = an_order()
     with uvicorn_app(env, tmp_path / "uvicorn.log") as base:
         response = httpx.post(f"{base}/orders", json=body, timeout=30)

@@ -22,7 +22,7 @@ from sagas.runtime import relay as outbox
 from sagas.states import SagaState, StepState
 from sagas.store import outbox as store_outbox
 from sagas.store.sql import Store
-from tests.conftest import Backend, wait_for_saga
+from tests.conftest import Backend, broker_url, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.engine import get_store, start_saga
 
@@ -67,8 +67,8 @@ class Consumer:
 
 
 @pytest.fixture
-def consumer(redis_server: Any) -> Iterator[Consumer]:
-    c = Consumer(redis_server.url)
+def consumer() -> Iterator[Consumer]:
+    c = Consumer(broker_url())
     yield c
     c.close()
 
@@ -185,15 +185,15 @@ def test_a_failing_publish_is_retried_with_backoff_then_dead_lettered(scratch_st
 def test_relay_publishes_to_the_topic_exchange_by_saga_and_event(
     scratch_store: Store, redis_server: Any
 ):
-    only_completions = Consumer(redis_server.url, binding="*.saga.completed")
-    everything = Consumer(redis_server.url, binding="billing.#")
+    only_completions = Consumer(broker_url(), binding="*.saga.completed")
+    everything = Consumer(broker_url(), binding="billing.#")
     try:
         ids = add_rows(scratch_store, 3, saga="billing")
         snap = SagaSnapshot("s-2", "billing", SagaState.COMPLETED, {}, {})
         with scratch_store.begin() as conn:
             store_outbox.insert_outbox(conn, snap, Decision(
                 transitions=[Transition(None, SagaState.RUNNING, SagaState.COMPLETED)]))
-        relay = outbox.Relay(scratch_store, SagaSettings(), outbox.KombuPublisher(redis_server.url),
+        relay = outbox.Relay(scratch_store, SagaSettings(), outbox.KombuPublisher(broker_url()),
                              retention=0)
         assert relay.run_once() == 4
         got = everything.drain()
