@@ -36,6 +36,7 @@ def twins(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     two_apps.beta.upgrade_schema()
     worker_env = dict(os.environ, **env, PYTHONPATH=str(ROOT))
     worker_env.pop("SAGAS_IMPORTS", None)
+    worker_env.pop("BROKER_URL", None)  # `celery` would take it over each app's own broker
     workers = [
         WorkerProcess(worker_env, queues="twin,saga", concurrency=2, name=name, log_dir=root,
                       app=f"tests.support.two_apps:{name}_app").start()

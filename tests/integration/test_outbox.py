@@ -61,8 +61,8 @@ class Consumer:
             message.ack()
 
     def close(self) -> None:
+        self.simple.close()  # its consumer first: RabbitMQ cancels consumers of a deleted queue
         self.queue(self.conn.default_channel).delete()
-        self.simple.close()
         self.conn.release()
 
 

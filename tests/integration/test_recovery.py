@@ -33,7 +33,7 @@ from sagas.coordinator import StepSucceeded
 from sagas.store.sql import sagas_t, utcnow
 from tests.chaos import crash_sagas as cs
 from tests.chaos.cluster import Cluster
-from tests.conftest import ON_RABBITMQ, broker_url, fresh_database, use_database
+from tests.conftest import DATABASES, ON_RABBITMQ, broker_url, fresh_database, use_database
 from tests.support.engine import apply_event, get_store, recover_stalled, start_saga
 from tests.support.services import peek_queue
 
@@ -46,7 +46,7 @@ REDRIVE_BOUND = STEP_TIMEOUT + RECOVERY_INTERVAL + 4.0
 
 
 # --- the reconciler's decisions, in process --------------------------------------------------
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=DATABASES)
 def recovery_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[str]:
     previous = os.environ.get("DATABASE_URL")

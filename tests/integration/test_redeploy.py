@@ -167,6 +167,7 @@ def redeploys(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactor
     versioned.ledger().flushdb()
     worker_env = dict(os.environ, **env, PYTHONPATH=str(ROOT))
     worker_env.pop("SAGAS_IMPORTS", None)
+    worker_env.pop("BROKER_URL", None)  # `celery` would take it over the app's own broker
     worker_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     worker_env.pop("SAGAS_METRICS_PORT", None)
     state = Redeploys(versioned, worker_env, root)
