@@ -15,10 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from tests.support.services import (
+    AMQP_URL,
     RabbitVhost,
     RedisServer,
     broker_kind,
@@ -71,7 +73,9 @@ def pytest_report_header(config: pytest.Config) -> str:
 def _rabbitmq_when_asked() -> None:
     """SAGAS_TEST_BROKER=rabbitmq without a reachable RabbitMQ: skip, or fail under CI."""
     if ON_RABBITMQ:
-        require_service(_RABBITMQ_UP, "RabbitMQ at 127.0.0.1:5672 (with rabbitmqctl)")
+        where = urlsplit(AMQP_URL)
+        require_service(_RABBITMQ_UP, f"RabbitMQ at {where.hostname}:{where.port or 5672} "
+                                      "(SAGAS_TEST_AMQP_URL, and rabbitmqctl to make vhosts)")
 
 
 @pytest.fixture(scope="session")
