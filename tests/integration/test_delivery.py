@@ -25,8 +25,9 @@ from sagas.runtime.worker import SagaTask
 from sagas.store.sql import sagas_t
 from tests.chaos import crash_sagas as cs
 from tests.chaos.cluster import Cluster
-from tests.conftest import use_database
+from tests.conftest import ON_RABBITMQ, use_database
 from tests.support.engine import apply_event, get_store, start_saga
+from tests.support.services import consumer_timeout_s
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +49,15 @@ def test_delivery_settings_are_at_least_once_with_a_bounded_worker_lost_cap():
     )
     assert conf.broker_transport_options["visibility_timeout"] > longest
     assert "pickle" not in conf.accept_content
+    if ON_RABBITMQ:
+        # RabbitMQ ignores the visibility timeout; its server's consumer_timeout closes the
+        # channel of a delivery unacknowledged longer: a running step (acks_late), or a retry
+        # held until its countdown is due.
+        countdown = max(
+            p.backoff_max for saga in engine.sagas.values() for s in saga.steps.values()
+            for p in (s.retry, s.compensation_retry))
+        timeout = consumer_timeout_s()
+        assert timeout is None or timeout > longest + countdown, (timeout, longest, countdown)
 
 
 # --- duplicates, in process ---------------------------------------------------------------------

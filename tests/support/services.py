@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -208,3 +209,10 @@ def peek_queue(broker_url: str, queue: str) -> list[tuple[dict[str, Any], Any]]:
             with contextlib.suppress(Exception):
                 channel.close()  # nothing acknowledged: all of them go back
     return out
+
+
+def consumer_timeout_s() -> float | None:
+    """The RabbitMQ server's ``consumer_timeout`` in seconds (None: not limited)."""
+    out = _rabbitmqctl("eval", "application:get_env(rabbit, consumer_timeout).").stdout.strip()
+    found = re.fullmatch(r"\{ok,(\d+)\}", out)
+    return int(found.group(1)) / 1000 if found else None
