@@ -50,7 +50,7 @@ class Cluster:
         self.env.update(
             REDIS_URL=self.redis.url, BROKER_URL=self.broker_url,
             DATABASE_URL=self.database_url,
-            SAGAS_IMPORTS=CRASH_IMPORTS, CRASHY_DIR=str(root / "crashy"),
+            SAGAS_APP="config", SAGAS_IMPORTS=CRASH_IMPORTS, CRASHY_DIR=str(root / "crashy"),
             PYTHONPATH=str(ROOT), RECOVERY_INTERVAL="1", STEP_TIMEOUT="3",
             CI=os.environ.get("CI", ""),
         )
