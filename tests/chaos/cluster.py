@@ -149,16 +149,15 @@ class Cluster:
     def restart_broker(self) -> None:
         """The broker loses every message: Redis restarted empty (every queued and unacked
         message gone). RabbitMQ keeps durable queues across a restart, so there the fault is
-        harsher than a restart: the server closes every connection of the vhost (unacked
-        messages go back to their queues) and the queues are purged; the result backend's
+        harsher than a restart (``RabbitVhost.lose_everything``): clients locked out, every
+        connection closed, the task queues purged, clients let back in; the result backend's
         Redis is restarted empty too."""
         port = self.redis.port
         self.redis.stop(kill=True)
         self.redis = start_redis(port)
         if self.vhost is not None:
-            self.vhost.close_connections()
             queues = {q for w in self.workers.values() for q in w.queues.split(",")}
-            self.vhost.purge(*sorted(queues))
+            self.vhost.lose_everything(*sorted(queues))
 
     def queue_depth(self, queue: str) -> int:
         """Messages waiting in ``queue`` on this deployment's broker."""

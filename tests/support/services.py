@@ -129,29 +129,21 @@ class RabbitVhost:
     def url(self) -> str:
         return f"{AMQP_URL.rstrip('/')}/{self.name}"
 
-    def close_connections(self, reason: str = "test: broker connections dropped") -> None:
-        """Every client connection to this vhost closed by the server, as in a broker restart:
-        the messages its consumers held unacknowledged go back to their queues."""
-        _rabbitmqctl("close_all_connections", "-p", self.name, "--limit", "100000", reason,
-                     check=False)
-
-    def purge(self, *queues: str) -> int:
-        """Drop the ready messages of ``queues`` (those that exist); returns how many."""
-        from amqp.exceptions import NotFound
-        from kombu import Connection
-
-        dropped = 0
-        with Connection(self.url, connect_timeout=5) as conn:
-            for queue in queues:
-                channel = conn.channel()
-                try:
-                    dropped += channel.queue_purge(queue) or 0
-                except NotFound:
-                    pass  # never declared: nothing in it
-                finally:
-                    with contextlib.suppress(Exception):
-                        channel.close()
-        return dropped
+    def lose_everything(self, *queues: str) -> None:
+        """The broker drops every client and every message of ``queues``, queued or held
+        unacknowledged: the user is locked out of the vhost (reconnecting clients are refused),
+        every connection is closed by the server (what consumers held goes back to the queues),
+        the queues are purged, and the user is let back in. Durable queues survive a real
+        RabbitMQ restart, so this is harsher than one: what a lost node does to its queues."""
+        user = urlsplit(AMQP_URL).username or "guest"
+        _rabbitmqctl("clear_permissions", "-p", self.name, user, check=False)
+        try:
+            _rabbitmqctl("close_all_connections", "-p", self.name, "--limit", "100000",
+                         "test: the broker lost everything", check=False)
+            for queue in queues:  # as the administrator: the user may not, right now
+                _rabbitmqctl("purge_queue", "-p", self.name, queue, check=False)
+        finally:
+            _rabbitmqctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
 
     def depth(self, queue: str) -> int:
         """Ready messages in ``queue`` (0 when it does not exist)."""
