@@ -10,9 +10,10 @@ sagas (30% over the payment limit) spread over the kill window. Every KILL_EVERY
 that window a random worker process is SIGKILLed: either a whole worker (main process and pool,
 as a crashed container; it is restarted at once) or one pool process (Celery replaces it and
 re-sends its task). Halfway through, the broker loses everything: Redis is killed and started
-again empty; on RabbitMQ the server closes every connection and the queues are purged, and the
-result backend's Redis is restarted empty. FAULT_RATE makes every participant step and
-compensation raise transient faults, some of them after the effect committed.
+again empty; on RabbitMQ clients are locked out, the server closes every connection, the queues
+are purged and clients are let back in, and the result backend's Redis is restarted empty.
+FAULT_RATE makes every participant step and compensation raise transient faults, some of them
+after the effect committed.
 
 ``python -m tests.chaos.run`` (``make chaos``: 1000 sagas, 60 s of kills) prints the summary;
 ``tests/chaos/test_chaos.py`` runs a smaller one in the test suite.

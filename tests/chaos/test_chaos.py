@@ -2,9 +2,10 @@
 
 CHAOS_SAGAS (default 200) order sagas submitted over the first 45 s, CHAOS_KILL_SECONDS
 (default 60) of SIGKILLs every 2 s, the broker losing everything halfway (Redis restarted
-empty; on RabbitMQ, with SAGAS_TEST_BROKER=rabbitmq, every connection closed and the queues
-purged, and the result backend's Redis restarted empty), CHAOS_FAULT_RATE (default 0.05)
-transient faults in every participant step and compensation, some after the commit.
+empty; on RabbitMQ, with SAGAS_TEST_BROKER=rabbitmq, clients locked out, every connection
+closed and the queues purged, and the result backend's Redis restarted empty),
+CHAOS_FAULT_RATE (default 0.05) transient faults in every participant step and compensation,
+some after the commit.
 ``make chaos`` runs the full size (1000 sagas) through ``python -m tests.chaos.run``.
 """
 

@@ -322,7 +322,7 @@ def test_coordinator_killed_mid_transition_is_redriven(live: Cluster):
 
 
 def test_redis_restarted_empty_loses_no_saga(live: Cluster):
-    """Every queued message lost (Redis restarted empty; RabbitMQ purged, see restart_broker)."""
+    """Every queued message lost (Redis restarted empty; RabbitMQ: see restart_broker)."""
     live.workers["w"].stop()  # nobody consumes: the first steps wait in the broker
     began = time.monotonic()
     sagas = [start(live, {}) for _ in range(3)]
