@@ -156,7 +156,7 @@ class Cluster:
         self.redis.stop(kill=True)
         self.redis = start_redis(port)
         if self.vhost is not None:
-            queues = {q for w in self.workers.values() for q in w.queues.split(",")}
+            queues = {q for w in list(self.workers.values()) for q in w.queues.split(",")}
             self.vhost.lose_everything(*sorted(queues))
 
     def queue_depth(self, queue: str) -> int:

@@ -119,27 +119,32 @@ class ChaosResult:
 def _kill_loop(cluster: Cluster, cfg: ChaosConfig, result: ChaosResult, rng: random.Random,
                stop: threading.Event) -> None:
     began = time.monotonic()
-    broker_done = False
-    while not stop.wait(cfg.kill_every):
-        elapsed = time.monotonic() - began
-        if elapsed > cfg.kill_for:
-            return
-        if not broker_done and elapsed >= cfg.kill_for / 2:
-            cluster.restart_broker()
-            result.broker_restarts += 1
-            broker_done = True
-            continue
-        name = rng.choice(QUEUES)
-        children = cluster.pool_children(name)
-        if children and rng.random() < 0.5:
-            try:
-                os.kill(rng.choice(children), signal.SIGKILL)
-                result.pool_kills += 1
-            except ProcessLookupError:
-                pass
-        else:
-            cluster.restart_worker(name, wait=False)  # SIGKILL the group, start a new one
-            result.worker_kills += 1
+    broker_fault: threading.Thread | None = None
+    try:
+        while not stop.wait(cfg.kill_every):
+            elapsed = time.monotonic() - began
+            if elapsed > cfg.kill_for:
+                return
+            if broker_fault is None and elapsed >= cfg.kill_for / 2:
+                # Beside the kills, not instead of them: RabbitMQ's fault takes seconds.
+                broker_fault = threading.Thread(target=cluster.restart_broker, daemon=True)
+                broker_fault.start()
+                result.broker_restarts += 1
+                continue
+            name = rng.choice(QUEUES)
+            children = cluster.pool_children(name)
+            if children and rng.random() < 0.5:
+                try:
+                    os.kill(rng.choice(children), signal.SIGKILL)
+                    result.pool_kills += 1
+                except ProcessLookupError:
+                    pass
+            else:
+                cluster.restart_worker(name, wait=False)  # SIGKILL the group, start a new one
+                result.worker_kills += 1
+    finally:
+        if broker_fault is not None:
+            broker_fault.join(120)
 
 
 _STEP_TASK = r"Task (?:inventory|payment|shipping)\.\w+\[(\S+?)\.(\w+)\.(do|undo)\.\d+\] "
