@@ -529,7 +529,7 @@ def bench_env(args: Options, workdir: Path) -> Iterator[tuple[Env, str]]:
         _point_here(redis_url, database_url, workdir).upgrade_schema()
         if not args.use_running_workers:
             env = dict(os.environ)
-            env.update(REDIS_URL=redis_url, DATABASE_URL=database_url,
+            env.update(REDIS_URL=redis_url, BROKER_URL=redis_url, DATABASE_URL=database_url,
                        SAGAS_BENCH_DIR=str(workdir),
                        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                                 env.get("PYTHONPATH")])))
@@ -544,8 +544,9 @@ def bench_env(args: Options, workdir: Path) -> Iterator[tuple[Env, str]]:
 
 def _point_here(redis_url: str, database_url: str, workdir: Path) -> Sagas:
     """Point this process (and the workers it starts, by the environment) at the bench's own
-    Redis and database; returns the bench app's engine."""
-    os.environ.update(REDIS_URL=redis_url, DATABASE_URL=database_url,
+    Redis and database; returns the bench app's engine. That Redis is the broker too, whatever
+    BROKER_URL says: the bench counts and drains broker messages in Redis."""
+    os.environ.update(REDIS_URL=redis_url, BROKER_URL=redis_url, DATABASE_URL=database_url,
                       SAGAS_BENCH_DIR=str(workdir))
     from bench.app import engine, install_counters, point_at
 

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from config import engine
 from config.settings import Settings
 from config.web import create_app
-from tests.conftest import Backend, wait_for_saga
+from tests.conftest import Backend, broker_down, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.engine import get_store, make_stale, recover_stalled, start_saga
 from tests.support.services import free_port
@@ -392,7 +392,7 @@ def test_with_the_broker_unreachable_an_order_is_recorded_and_runs_once_it_is_ba
     client: TestClient, engine_backend: Backend, tmp_path: Path
 ):
     """The start is durable: a broker outage delays an order, it never loses or refuses it."""
-    env = {**engine_backend.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"}
+    env = {**engine_backend.env, **broker_down(closed_port())}
     body = an_order()
     with uvicorn_app(env, tmp_path / "uvicorn.log") as base:
         accepted = [httpx.post(f"{base}/orders", json=body, timeout=30) for _ in range(2)]

@@ -90,7 +90,7 @@ from celery import Celery
 from sagas import Sagas, SagaSettings
 
 settings = SagaSettings()
-app = Celery("shop", broker=settings.redis_url, backend=settings.redis_url, include=["tasks"])
+app = Celery("shop", broker=settings.broker_url, backend=settings.redis_url, include=["tasks"])
 app.conf.update(
     task_serializer="json", accept_content=["json"], task_acks_late=True,
     task_ignore_result=True, task_store_errors_even_if_ignored=True,
