@@ -100,7 +100,7 @@ class MetricsListener(SagaListener):
         POISON_MESSAGES.labels(event.reason).inc()
 
     def on_saga_transition(self, event: TransitionEvent) -> None:
-        if event.to_state == "RUNNING" and event.from_state == "PENDING":
+        if event.to_state == "RUNNING" and event.from_state in ("PENDING", "WAITING"):
             SAGAS_STARTED.labels(event.saga).inc()
             if event.cause == "Redrive":  # recovery started a saga nobody had started
                 RECOVERIES.labels(event.saga).inc()

@@ -186,11 +186,13 @@ _COMPLETE_IF_RUNNING = (
     .values(state=str(SagaState.COMPLETED), updated_at=db_now(), stall_deadline=None)
     .returning(sagas_t.c.created_at)
 )
-_LOCK = select(sagas_t.c.id).where(sagas_t.c.id == bindparam("b_saga_id")).with_for_update()
 _LOAD_SAGA = select(
     sagas_t.c.name, sagas_t.c.state, sagas_t.c.input, sagas_t.c.error,
     sagas_t.c.definition_version, sagas_t.c.definition_fingerprint,
 ).where(sagas_t.c.id == bindparam("b_saga_id"))
+# PostgreSQL: the saga row locked and read in one statement (a locked row is read in its
+# latest version, even after waiting for another transaction's lock).
+_LOCK = _LOAD_SAGA.with_for_update()
 _LOAD_LOG = (
     select(*_ENTRY_COLUMNS).where(log_t.c.saga_id == bindparam("b_saga_id"))
     .order_by(log_t.c.seq)
@@ -458,13 +460,13 @@ class Store:
     def load(self, conn: Connection, saga_id: str, lock: bool = True) -> SagaSnapshot | None:
         """The saga replayed from its log; under its row lock when ``lock`` (PostgreSQL).
 
-        Lock first, read after: in READ COMMITTED the log is read by a statement that starts
-        after the lock is held, so it sees every decision committed before ours.
+        Lock (and read the saga row) first, the log after: in READ COMMITTED the log is read by
+        a statement that starts after the lock is held, so it sees every decision committed
+        before ours.
         """
         params = {"b_saga_id": saga_id}
-        if lock and self.dialect == "postgresql" and not run(conn, HOT.get(conn, "lock"), params):
-            return None
-        rows = run(conn, HOT.get(conn, "load_saga"), params)
+        locking = lock and self.dialect == "postgresql"
+        rows = run(conn, HOT.get(conn, "lock" if locking else "load_saga"), params)
         if not rows:
             return None
         name, state, saga_input, error, version, fingerprint = rows[0]

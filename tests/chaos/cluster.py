@@ -54,6 +54,9 @@ class Cluster:
             SAGAS_APP="config", SAGAS_IMPORTS=CRASH_IMPORTS, CRASHY_DIR=str(root / "crashy"),
             PYTHONPATH=str(ROOT), RECOVERY_INTERVAL="1", STEP_TIMEOUT="3",
             CI=os.environ.get("CI", ""),
+            # One order per customer at a time (the sample's semantic lock, under the faults);
+            # its sku lock would leave three sagas in flight and little for a fault to hit.
+            ORDER_LOCKS="customer",
         )
         self.env.update(env or {})
         self.workers: dict[str, WorkerProcess] = {}

@@ -187,6 +187,9 @@ class Hosts:
             RECOVERY_INTERVAL=str(self.cfg.recovery_interval),
             ORDER_STEP_TIME_LIMIT=str(self.cfg.step_time_limit), FAULT_RATE="0",
             STARTING_STOCK=json.dumps({"laptop": 100_000, "phone": 100_000, "book": 100_000}),
+            # One order per customer at a time (the sample's semantic lock, under the faults);
+            # its sku lock would leave three sagas in flight and little for a fault to hit.
+            ORDER_LOCKS="customer",
         )
         self.sagas_cli("db", "upgrade")
         self.run("-m", "tasks.migrate")

@@ -62,13 +62,16 @@ def test_the_procfile_has_web_beat_flower_relay_and_one_worker_entry_per_queue()
     check = subprocess.run([str(BIN / "honcho"), "check"], cwd=ROOT, capture_output=True,
                            text=True, check=False)
     assert check.returncode == 0, check.stderr
-    # honcho gives the first entry PORT=5000 unless told: `make up` serves where the README says.
+    # honcho gives the first entry PORT=5000 unless told; `make up` (supervisord) serves the web
+    # app where the README says, 8000 unless PORT is set.
     env = {k: v for k, v in os.environ.items() if k not in ("PORT", "MAKEFLAGS")}
     up = subprocess.run(["make", "-n", "up"], cwd=ROOT, env=env, capture_output=True, text=True,
                         check=False)
-    assert "honcho start -p ${PORT:-8000}" in up.stdout, up.stdout + up.stderr
+    assert "supervisord -c supervisord.conf" in up.stdout, up.stdout + up.stderr
+    conf = (ROOT / "supervisord.conf").read_text()
+    assert "uvicorn config.web:app" in conf and "--port ${PORT:-8000}" in conf
     readme = (ROOT / "README.md").read_text()
-    assert "make up   (honcho start -p 8000: the web app on 8000)" in readme
+    assert "make up   (supervisord: the web app on $PORT, default 8000)" in readme
     assert "5000" not in readme
 
 
