@@ -182,7 +182,10 @@ class Hosts:
         database_url = self.pg.create_database("sagas")
         self.env = dict(os.environ)
         self.env.update(
-            REDIS_URL=self.redis.url, DATABASE_URL=database_url, SAGAS_APP="config",
+            # Their own broker, whatever the suite runs on: the hosts reach only the
+            # services namespace.
+            REDIS_URL=self.redis.url, BROKER_URL=self.redis.url,
+            DATABASE_URL=database_url, SAGAS_APP="config",
             SAGAS_IMPORTS="", PYTHONPATH=str(ROOT), CI=os.environ.get("CI", ""),
             RECOVERY_INTERVAL=str(self.cfg.recovery_interval),
             ORDER_STEP_TIME_LIMIT=str(self.cfg.step_time_limit), FAULT_RATE="0",

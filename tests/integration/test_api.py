@@ -451,7 +451,7 @@ def test_with_reject_a_second_order_of_a_busy_customer_is_409_naming_the_key_and
 ):
     # No broker: the first order's saga stays RUNNING (recorded, its first step not yet sent),
     # holding its customer's key for as long as this test needs.
-    env = {**engine_backend.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0",
+    env = {**engine_backend.env, **broker_down(closed_port()),
            "ORDER_LOCK_POLICY": "reject", "ORDER_LOCKS": "customer"}
     body = an_order()
     with uvicorn_app(env, tmp_path / "uvicorn.log") as base:

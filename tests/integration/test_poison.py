@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery
 
 from config import queues
@@ -67,8 +66,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clust
 
 
 def foreign(cluster: Cluster) -> Celery:
-    """Another client of the deployment's Redis, never current in this process."""
-    other = Celery("hostile", broker=cluster.redis.url, set_as_current=False)
+    """Another client of the deployment's broker, never current in this process."""
+    other = Celery("hostile", broker=cluster.broker_url, set_as_current=False)
     other.conf.update(task_queues=queues.task_queues, task_default_queue=queues.SAGA,
                       task_serializer="json")
     return other
@@ -200,8 +199,8 @@ def test_every_queue_is_drained_and_the_worker_still_runs_sagas_through_all_four
     assert [s["state"] for s in order["steps"]] == ["SUCCEEDED"] * 3
     worker = cluster.workers["all"]
     assert worker.process is not None and worker.process.poll() is None
-    client = redis.Redis.from_url(cluster.redis.url)
-    assert {q: client.llen(q) for q in SAMPLE_QUEUES} == dict.fromkeys(SAMPLE_QUEUES, 0)
+    depths = {q: cluster.queue_depth(q) for q in SAMPLE_QUEUES}
+    assert depths == dict.fromkeys(SAMPLE_QUEUES, 0)
     # Nothing the poison named was run or recorded.
     assert set(cluster.states()) == {v["id"] for v in poisoned["views"].values()}
 
