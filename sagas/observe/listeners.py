@@ -31,9 +31,8 @@ from celery.signals import (
     task_retry,
     worker_process_init,
 )
-from pydantic import ValidationError
 
-from sagas.runtime.message import StepContext
+from sagas.runtime.message import peek
 
 log = logging.getLogger("sagas.listeners")
 
@@ -322,10 +321,7 @@ def _events(
 
 def _on_prerun(sender: Any = None, task_id: str = "", task: Any = None, args: Any = None,
                **_: Any) -> None:
-    try:
-        ctx = StepContext.from_args(args)
-    except ValidationError:
-        return  # a malformed step message: the step wrapper refuses it (sagas.runtime.poison)
+    ctx = peek(args)  # None too for a malformed one: the step wrapper refuses it (poison)
     if ctx is None or task is None:
         return
     retries = int(getattr(task.request, "retries", 0) or 0)

@@ -7,7 +7,7 @@ engine builds or inspects those keys.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,6 +67,33 @@ class StepContext(BaseModel):
         if not isinstance(body, dict) or not body.keys() >= _REQUIRED:
             return None
         return cls.model_validate(body)
+
+
+class StepHeader(NamedTuple):
+    """Who a step message is for, read without validating the whole context (attempt hooks)."""
+
+    saga_id: str
+    saga: str
+    step: str
+    phase: str
+    attempt: int
+
+
+def peek(args: Any, kwargs: Any = None) -> StepHeader | None:
+    """The header of a step message, or None for any other call (or a malformed message,
+    which the step wrapper refuses): a few dict lookups, where ``from_args`` validates it all."""
+    if kwargs or not isinstance(args, list | tuple) or len(args) != 1:
+        return None
+    body = args[0]
+    if not isinstance(body, dict):
+        return None
+    saga_id, saga, step, phase = (body.get(k) for k in ("saga_id", "saga", "step", "phase"))
+    attempt = body.get("attempt", 1)
+    if not (isinstance(saga_id, str) and isinstance(saga, str) and isinstance(step, str)
+            and phase in ("action", "compensation") and "idempotency_key" in body
+            and isinstance(attempt, int) and not isinstance(attempt, bool)):
+        return None
+    return StepHeader(saga_id, saga, step, phase, attempt)
 
 
 def idempotency_key(saga_id: str, step: str) -> str:
