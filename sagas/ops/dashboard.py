@@ -222,6 +222,7 @@ def api_saga(
     picture = draw_graph(view, saga, stall, width)
     view["graph"] = graph(view, saga)
     view["timeline"] = entries
+    view["locks"]["holders"] = {k: engine.lock_holder(k) for k in view["locks"]["waits"]}
     view["flower_url"] = flower
     view["stalled"] = stall
     view["live"] = view["state"] in LIVE_STATES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import pytest
@@ -97,4 +98,29 @@ def test_a_compensated_sagas_timeline_shows_compensations_newest_first(
     assert '"input"' in browser.find_element("id", "context").text
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "dashboard-compensated-saga.png"))
+    assert console_errors(browser) == []
+
+
+def test_a_waiting_sagas_page_names_the_key_and_links_its_holder(
+    engine_backend: Backend, server: str, browser: Any
+):
+    key = f"account:{uuid.uuid4()}"
+    holder = start_saga(ts.locked, {"keys": [key], "plan": {"a": {"sleep": 6}}})
+    waiter = start_saga(ts.locked, {"keys": [key]})
+    browser.get(f"{server}/dashboard/sagas/{waiter}")
+    text = wait_until(lambda: browser.find_element("id", "saga-locks").text or None,
+                      what="the lock line")
+    assert text == f"Waits for key {key}, held by saga {holder}."
+    link = js(browser, "return document.querySelector('#saga-locks a').getAttribute('href')")
+    assert link == f"/dashboard/sagas/{holder}"
+    assert js(browser, "return document.querySelector('#saga-state .badge')"
+                       ".dataset.state") == "WAITING"
+    assert browser.find_element("id", "timeline-chart").text == (
+        "Nothing has run yet: it waits for a semantic lock.")
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "dashboard-waiting-saga.png"))
+    # When the holder ends, the page follows: the waiter runs and completes, holding its key.
+    wait_until(lambda: js(browser, "return document.querySelector('#saga-state .badge')"
+                                   ".dataset.state") == "COMPLETED", timeout=40,
+               what="the waiter completed")
     assert console_errors(browser) == []

@@ -49,13 +49,19 @@ async function refresh(){
   $("saga-error").textContent=v.error||"";
   const held=v.locks||{holds:[],waits:[]},locks=$("saga-locks");
   locks.hidden=!held.holds.length&&!held.waits.length;
-  locks.textContent=[held.holds.length?`Holds semantic locks: ${held.holds.join(", ")}.`:"",
-   ...held.waits.map(k=>`Waits for key ${k}, held by another saga (sagas locks ${k}).`)]
-   .filter(Boolean).join(" ");
+  locks.replaceChildren(held.holds.length?`Holds semantic locks: ${held.holds.join(", ")}. `:"",
+   ...held.waits.flatMap(k=>{const h=(held.holders||{})[k];
+    return h?[`Waits for key ${k}, held by saga `,el("a",{href:`/dashboard/sagas/${
+     encodeURIComponent(h)}`,text:h}),"."]:[`Waits for key ${k}.`];}));
   const stall=$("stall-reason");stall.hidden=!v.stalled;
   stall.textContent=v.stalled?`Stalled: ${v.stalled.reason}.`:"";
-  picture("graph",v.graph_svg);picture("timeline",v.timeline_svg);
+  picture("graph",v.graph_svg);
+  picture("timeline",v.timeline.length?v.timeline_svg:
+   `<p class=muted>Nothing has run yet${v.state==="WAITING"?": it waits for a semantic lock"
+    :""}.</p>`);
   legend(v.timeline_legend||[]);drawTable(v.timeline);
+  $("timeline-legend").hidden=!v.timeline.length;
+  $("timeline").closest(".scroll").hidden=!v.timeline.length;
   setAction($("retry-button"),v.actions.retry);setAction($("cancel-button"),v.actions.cancel);
   $("context").textContent=JSON.stringify(v.context,null,2);
   if(SETTLED.has(v.state))delay=10000;
