@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_init, worker_ready
+from celery.signals import task_revoked, worker_init, worker_ready
 from kombu.utils.imports import symbol_by_name
 
 from sagas.coordinator import Decision
 from sagas.definition import Saga
 from sagas.errors import DefinitionError
 from sagas.observe import setup as observe_setup
-from sagas.runtime import consumer, poison, worker
+from sagas.runtime import consumer, poison, revoke, worker
 from sagas.runtime.binding import Binding, bind, binding_of
 from sagas.runtime.dispatch import (
     RECOVER_TASK,
@@ -91,6 +91,7 @@ class Sagas:
         uid = f"sagas.engine.{id(self)}"
         worker_init.connect(self._on_worker_init, weak=False, dispatch_uid=f"{uid}.init")
         worker_ready.connect(self._on_worker_ready, weak=False, dispatch_uid=f"{uid}.ready")
+        task_revoked.connect(self._on_task_revoked, weak=False, dispatch_uid=f"{uid}.revoked")
         for saga in sagas:
             self.register(saga)
 
@@ -240,6 +241,7 @@ class Sagas:
             log.critical("worker refused to start: %s", exc)
             raise SystemExit(1) from exc
         _quiet_reconciler_logs()
+        revoke.track_connections()  # before the pool forks: its processes share the record
         # Poison (undecodable, unknown task, too large, ...) is dead-lettered, not just dropped.
         if hasattr(sender, "consumer_cls"):
             sender.consumer_cls = consumer.poison_aware(
@@ -253,6 +255,15 @@ class Sagas:
                     worker.wrap_step_task(task, None)
                 except DefinitionError:
                     log.debug("task %s left as it is: it cannot take the step wrapper", name)
+
+    def _on_task_revoked(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        """A worker discarded a revoked message: a saga action's is reported as never run."""
+        if getattr(sender, "app", None) is not self.app or request is None:
+            return
+        try:
+            revoke.report_revoked_request(self._binding, request)
+        except Exception as exc:  # recovery undoes the step once its deadline passes
+            log.warning("could not report revoked task %s: %s", getattr(request, "id", "?"), exc)
 
     def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not self.app:

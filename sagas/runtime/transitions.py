@@ -30,12 +30,13 @@ from sagas.coordinator import (
     decide,
     decide_success_alone,
 )
-from sagas.definition import Saga
+from sagas.definition import Saga, Step
 from sagas.errors import SagaNotFoundError
 from sagas.observe.listeners import notify, refused_event
 from sagas.runtime.binding import Binding
-from sagas.runtime.dispatch import publish
+from sagas.runtime.dispatch import TIME_LIMIT_HARD_MARGIN, publish
 from sagas.runtime.message import StepContext
+from sagas.runtime.revoke import revoke
 from sagas.settings import SagaSettings
 from sagas.states import SAGA_SETTLED, SagaState, StepState
 from sagas.store import sql as store_sql
@@ -49,8 +50,7 @@ def stall_deadline(
 ) -> datetime | None:
     """When recovery should look at this saga if nothing more is heard from it.
 
-    Each step in flight is due by the time it was sent, plus the delay it was sent with, plus
-    its time limit (``step_timeout`` when it has none); the saga is due when its last one is.
+    Each step in flight is due by ``step_due``; the saga is due when its last one is.
     """
     if snap.state in SAGA_SETTLED:
         return None
@@ -58,12 +58,39 @@ def stall_deadline(
     for step in snap.steps.values():
         if step.state not in (StepState.RUNNING, StepState.COMPENSATING):
             continue
-        spec = saga.steps.get(step.name) if saga is not None else None
-        limit = (spec.time_limit if spec is not None else None) or settings.step_timeout
-        sent = step.since or store_sql.utcnow()  # the module's clock: sagas.testing moves it
-        at = sent + timedelta(seconds=limit + step.countdown)
+        at = step_due(settings, saga, step)
         due = at if due is None or at > due else due
     return due
+
+
+def step_span(settings: SagaSettings, spec: Step | None) -> float:
+    """How long a delivery of ``spec`` may take before recovery may send another.
+
+    A step with a time limit is killed by Celery at its hard limit (``TIME_LIMIT_HARD_MARGIN``
+    past it): past that plus ``recovery_grace`` (for the kill's failure callback to arrive)
+    no delivery can still be running. Nothing bounds a step without one: ``step_timeout``.
+    """
+    limit = spec.time_limit if spec is not None else None
+    if limit:
+        return limit + TIME_LIMIT_HARD_MARGIN + settings.recovery_grace
+    return settings.step_timeout
+
+
+def redrive_wait(span: float, redrives: int, ceiling: float) -> float:
+    """Seconds after a step's last move before recovery looks again: its span at first, then
+    doubling with each re-drive (or hold) that brought no progress, up to ``ceiling``."""
+    if redrives <= 0:
+        return span
+    return max(span, min(ceiling, span * 2.0 ** min(redrives, 32)))
+
+
+def step_due(settings: SagaSettings, saga: Saga | None, step: StepSnapshot) -> datetime:
+    """When a step in flight is overdue: sent at ``since``, plus the delay it was sent with,
+    plus its span (backed off by recovery's notes since its last progress)."""
+    spec = saga.steps.get(step.name) if saga is not None else None
+    wait = redrive_wait(step_span(settings, spec), step.redrives, settings.recovery_backoff_max)
+    sent = step.since or store_sql.utcnow()  # the module's clock: sagas.testing moves it
+    return sent + timedelta(seconds=wait + step.countdown)
 
 
 def _moved(snap: SagaSnapshot, decision: Decision) -> None:
@@ -188,6 +215,7 @@ def apply_event(
     if decision.ignored:
         log.info("saga %s: %s ignored: %s", saga_id, type(event).__name__, decision.ignored)
     notify(snap, decision, event, started_at)  # listeners, after the commit
+    revoke(binding, snap, decision.revokes)  # before the compensations it may overtake
     (binding.publisher or publish)(binding, definition, snap, decision.dispatches)
     return decision
 
