@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from celery import Celery, Task
@@ -19,7 +20,7 @@ from kombu.utils.imports import symbol_by_name
 
 from sagas.coordinator import Decision
 from sagas.definition import Saga
-from sagas.errors import DefinitionError
+from sagas.errors import DefinitionError, SagaNotFoundError
 from sagas.observe import setup as observe_setup
 from sagas.runtime import consumer, poison, revoke, worker
 from sagas.runtime.binding import Binding, bind, binding_of
@@ -32,11 +33,12 @@ from sagas.runtime.dispatch import (
 from sagas.runtime.handle import SagaHandle, SagaOutcome, read_outcomes
 from sagas.runtime.recovery import BEAT_ENTRY, RecoveryReport, beat_entry, recover_stalled
 from sagas.runtime.relay import Relay
+from sagas.runtime.stalls import Stall, stall_of
 from sagas.runtime.transitions import cancel_saga, retry_saga, start_saga
 from sagas.settings import SagaSettings
 from sagas.states import SagaState
 from sagas.store import migrate
-from sagas.store.sql import Store
+from sagas.store.sql import Store, utcnow
 
 log = logging.getLogger("sagas")
 
@@ -321,8 +323,28 @@ class Sagas:
         """Many sagas with their steps, in two queries; ids never recorded are absent."""
         return read_outcomes(self._binding, saga_ids)
 
+    def stall(self, saga_id: str, now: datetime | None = None) -> Stall | None:
+        """Why the saga makes no progress, read from its log; None when it is not stalled.
+
+        See ``sagas.runtime.stalls``: a step recovery re-drove or held (its message still
+        waits in the broker) since its last progress, or one past its deadline.
+        """
+        snap = self.store.read_outcomes([saga_id]).get(saga_id)
+        if snap is None:
+            raise SagaNotFoundError(f"no saga with id {saga_id!r}")
+        definition = self._binding.find(snap.name, snap.version)
+        return stall_of(self.settings, definition, snap, now or utcnow())
+
+    def view(self, saga_id: str) -> dict[str, Any]:
+        """The saga as ``sagas show --json`` and ``GET /sagas/{id}`` give it: the store's view
+        (steps, context, history) plus ``stalled`` (None, or why it makes no progress)."""
+        view = self.store.get_view(saga_id)
+        stall = self.stall(saga_id)
+        view["stalled"] = None if stall is None else stall.as_dict(self.settings)
+        return view
+
     def retry(self, saga_id: str) -> Decision:
-        """Resume a parked (COMPENSATION_FAILED) saga, or re-drive a stalled one."""
+        """Resume a parked (COMPENSATION_FAILED, FORWARD_FAILED) saga, or re-drive a stalled one."""
         self._prepare()
         return retry_saga(self._binding, saga_id)
 

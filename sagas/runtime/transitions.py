@@ -264,7 +264,7 @@ def _require(binding: Binding, saga_id: str) -> None:
 
 
 def retry_saga(binding: Binding, saga_id: str) -> Decision:
-    """Resume a parked (COMPENSATION_FAILED) saga, or re-drive a stalled running one."""
+    """Resume a parked (COMPENSATION_FAILED, FORWARD_FAILED) saga, or re-drive a stalled one."""
     _require(binding, saga_id)
     return apply_event(binding, saga_id, RetryRequested())
 
