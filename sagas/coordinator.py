@@ -554,6 +554,11 @@ def _on_retrying(m: _Machine, event: StepRetrying) -> Ignored | None:
 def _on_cancel(m: _Machine, event: CancelRequested) -> Ignored | None:
     if m.snap.state == SagaState.COMPENSATING:
         return Ignored(IgnoreKind.ALREADY_COMPENSATING, "saga is already compensating")
+    if m.snap.state == SagaState.FORWARD_FAILED:
+        raise SagaStateError(
+            f"saga {m.snap.id} is FORWARD_FAILED: it passed its pivot step {m.saga.pivot!r} and "
+            "can only go forward; fix the cause, then retry it"
+        )
     if m.snap.state not in (SagaState.PENDING, SagaState.RUNNING):
         raise SagaStateError(f"saga {m.snap.id} is {m.snap.state}; only a running saga cancels")
     if m.pivot_passed():
