@@ -180,9 +180,10 @@ class RetryRequested:
 class Redrive:
     """Recovery re-publishes work that made no progress; same idempotency keys.
 
-    ``queued`` names steps whose current message recovery saw still waiting in the broker: no
-    worker has taken it, so sending another would only pile up a duplicate. They are held (a
-    note in the history, the next look backed off), not re-published.
+    ``queued`` names steps whose current message recovery saw still waiting in the broker (no
+    worker has taken it, or one took it just now), so sending another would only pile up a
+    duplicate. They are held (a note in the history, the next look backed off), not
+    re-published.
     """
 
     steps: tuple[str, ...] = ()
@@ -384,7 +385,8 @@ class _Machine:
 
 
 REDRIVEN = "re-driven by recovery"
-HELD = "re-drive held: its message still waits in the broker (no worker has taken it)"
+HELD = ("re-drive held: its message still waits in the broker (no worker has taken it, or one "
+        "took it just now)")
 UNDONE_UNHEARD = "no outcome from its action while the saga compensates: undone in case it ran"
 """The errors of recovery's notes in a step's history (the step keeps its own error)."""
 

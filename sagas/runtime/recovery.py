@@ -45,7 +45,7 @@ from sagas.runtime import waiting
 from sagas.runtime.binding import Binding
 from sagas.runtime.dispatch import RECOVER_TASK
 from sagas.runtime.message import step_task_id
-from sagas.runtime.transitions import apply_event, stall_deadline
+from sagas.runtime.transitions import apply_event, stall_deadline, step_span
 from sagas.settings import SagaSettings
 from sagas.states import SagaState, StepState
 from sagas.store.sql import sagas_t, utcnow
@@ -185,9 +185,11 @@ _IN_FLIGHT = {StepState.RUNNING: ACTION, StepState.COMPENSATING: COMPENSATION}
 
 
 def queued_steps(binding: Binding, snaps: dict[str, SagaSnapshot]) -> dict[str, tuple[str, ...]]:
-    """Per saga, its steps in flight whose message still waits in the broker (one look per
-    queue): re-publishing them would only add a duplicate behind the message already there."""
-    wanted: dict[str, list[tuple[str, str, list[str]]]] = {}
+    """Per saga, its steps in flight whose message still waits in the broker, or that a worker
+    took less than the step's span ago (one look per queue): re-publishing them would only add
+    a duplicate behind the message already there, or beside the delivery just begun."""
+    wanted: dict[str, list[tuple[str, str, list[str], float]]] = {}
+    now = time.time()
     for saga_id, snap in snaps.items():
         definition = binding.find(snap.name, snap.version)
         for step in snap.steps.values():
@@ -197,14 +199,20 @@ def queued_steps(binding: Binding, snaps: dict[str, SagaSnapshot]) -> dict[str, 
                 continue
             ids = [step_task_id(saga_id, step.name, phase, n)
                    for n in range(1, step.attempt_of(phase) + 1)]
-            wanted.setdefault(saga_id, []).append((step.name, spec.target_queue, ids))
+            since = now - step_span(binding.settings, spec)
+            wanted.setdefault(saga_id, []).append((step.name, spec.target_queue, ids, since))
     if not wanted:
         return {}
-    looks = waiting.look(binding, [q for items in wanted.values() for _, q, _ in items])
+    items = [item for found in wanted.values() for item in found]
+    looks = waiting.look(binding, [q for _, q, _, _ in items],
+                         taken_since=min(since for *_, since in items))
     out = {}
-    for saga_id, items in wanted.items():
-        held = tuple(name for name, queue, ids in items
-                     if queue in looks and looks[queue].holds_any(ids))
+    for saga_id, found in wanted.items():
+        held = tuple(
+            name for name, queue, ids, since in found
+            if (queue in looks.queues and looks.queues[queue].holds_any(ids))
+            or looks.taken_since(ids, since)
+        )
         if held:
             out[saga_id] = held
     return out

@@ -8,15 +8,19 @@ per run and per queue, before it re-drives anything:
 - **Redis**: a queue is a list (one per priority level). Its messages are read, up to
   ``PROBE_LIMIT`` per queue, and the task ids taken from their headers: a step whose task id
   (``<saga>.<step>.<do|undo>.<attempt>``) is among them is held, not re-driven. A longer queue
-  is not read (recovery then backs off without knowing).
+  is not read (recovery then backs off without knowing). A message a worker has taken but not
+  yet acknowledged sits in the transport's ``unacked`` hash with the time it was taken: one
+  taken less than the step's span ago is a delivery that may still be running (a pool that
+  just came back works through its backlog), so it is held too; one taken longer ago belongs
+  to a worker that died (or a step past its hard limit) and is re-driven.
 - **AMQP** (RabbitMQ): a queue cannot be read without consuming it, but a passive declare
   says how many messages it holds and how many consumers it has: a queue with messages and no
   consumer is served by nobody, so what was sent to it still waits there.
 - Anything else, or a broker that does not answer: nothing is known, and recovery re-drives
   (with backoff).
 
-Messages a worker has taken (running, or reserved with a countdown) are not in the list: those
-are the ones a dead worker may have lost, which recovery must re-drive.
+Beyond that, messages a worker has taken are not waiting: those are the ones a dead worker may
+have lost, which recovery must re-drive.
 """
 
 from __future__ import annotations
@@ -38,6 +42,19 @@ _TASK_ID = re.compile(rb'"id": ?"([^"\\]+)"')
 
 
 @dataclass(frozen=True)
+class BrokerLook:
+    """One look at the broker: each queue, and the messages workers took (Redis)."""
+
+    queues: dict[str, QueueLook]
+    taken: dict[str, float] | None = None  # task id -> when a worker took it (epoch seconds)
+
+    def taken_since(self, task_ids: Iterable[str], since: float) -> bool:
+        """Whether a worker took one of ``task_ids`` at ``since`` or later."""
+        taken = self.taken or {}
+        return any(taken.get(t, 0.0) >= since for t in task_ids)
+
+
+@dataclass(frozen=True)
 class QueueLook:
     """What the broker says of one queue."""
 
@@ -53,26 +70,29 @@ class QueueLook:
         return self.unserved
 
 
-def look(binding: Binding, queues: Sequence[str]) -> dict[str, QueueLook]:
-    """One look at each queue (see the module docstring); unknown for a broker that fails."""
+def look(binding: Binding, queues: Sequence[str], taken_since: float | None = None
+         ) -> BrokerLook:
+    """One look at each queue, and (Redis) at the messages workers took since ``taken_since``
+    (see the module docstring); nothing known of a broker that fails."""
     wanted = sorted(set(queues))
     if not wanted:
-        return {}
+        return BrokerLook({})
     if binding.probe is not None:
         found: dict[str, QueueLook] = binding.probe(wanted)
-        return found
+        return BrokerLook(found)
     try:
         with binding.app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1)
             channel = conn.default_channel
             driver = conn.transport.driver_type
             if driver == "redis":
-                return {q: _redis(channel, q) for q in wanted}
+                taken = _taken(channel, taken_since) if taken_since is not None else None
+                return BrokerLook({q: _redis(channel, q) for q in wanted}, taken)
             if driver == "amqp":
-                return {q: _amqp(conn, q) for q in wanted}
+                return BrokerLook({q: _amqp(conn, q) for q in wanted})
     except Exception as exc:
         log.warning("could not look at queues %s: %s", ", ".join(wanted), exc)
-    return {q: QueueLook(q) for q in wanted}
+    return BrokerLook({q: QueueLook(q) for q in wanted})
 
 
 def _redis(channel: Any, queue: str) -> QueueLook:
@@ -94,6 +114,24 @@ def _redis(channel: Any, queue: str) -> QueueLook:
                     if found:
                         ids.add(found.group(1).decode())
     return QueueLook(queue, frozenset(ids), waiting=total)
+
+
+def _taken(channel: Any, since: float) -> dict[str, float]:
+    """Task ids of the messages workers took at ``since`` or later and have not acknowledged."""
+    out: dict[str, float] = {}
+    with channel.conn_or_acquire() as client:
+        recent = client.zrangebyscore(channel.unacked_index_key, since, "+inf",
+                                      start=0, num=PROBE_LIMIT, withscores=True)
+        if not recent:
+            return out
+        tags = [tag for tag, _ in recent]
+        for (_, at), raw in zip(recent, client.hmget(channel.unacked_key, tags), strict=True):
+            if raw is None:
+                continue
+            found = _TASK_ID.search(raw if isinstance(raw, bytes) else raw.encode())
+            if found:
+                out[found.group(1).decode()] = float(at)
+    return out
 
 
 def _amqp(conn: Any, queue: str) -> QueueLook:

@@ -190,7 +190,7 @@ def test_a_slow_first_delivery_that_succeeds_after_a_redrive_is_the_one_credited
     c = cluster
     pool_b(c, up=False)
     pool_b(c, up=True, concurrency=1)  # its one process runs do.1; do.2 waits behind it
-    plan = {"b": {"first": {"sleep": 6}}}
+    plan = {"b": {"first": {"sleep": 12}}}
     saga_id = c.client("start", "t_two_pools", json.dumps({"plan": plan}))["id"]
     view = c.wait_for(saga_id, timeout=90)
     assert view["state"] == "COMPLETED"
@@ -212,7 +212,7 @@ def test_a_failure_reported_by_an_older_delivery_is_credited_to_it(cluster: Clus
     c = cluster
     pool_b(c, up=False)
     pool_b(c, up=True, concurrency=1)
-    plan = {"b": {"first": {"sleep": 6, "fail": True}}}
+    plan = {"b": {"first": {"sleep": 12, "fail": True}}}
     saga_id = c.client("start", "t_two_pools", json.dumps({"plan": plan}))["id"]
     view = c.wait_for(saga_id, timeout=90)
     assert view["state"] == "COMPENSATED"
