@@ -640,7 +640,7 @@ def test_a_business_refusal_after_the_pivot_parks_the_saga_forward_failed():
     assert run.state == SagaState.FORWARD_FAILED
     assert decision.dispatches == []
     assert run.snap.error is not None and "refused for good after the pivot" in run.snap.error
-    with pytest.raises(SagaStateError, match="FORWARD_FAILED.*can only go forward"):
+    with pytest.raises(SagaStateError, match=r"FORWARD_FAILED.*can only go forward"):
         run.send(CancelRequested())
     decision = run.send(RetryRequested())
     assert run.state == SagaState.RUNNING
