@@ -83,8 +83,8 @@ class Step:
     by recovery only once that hard limit plus ``RECOVERY_GRACE`` has passed since it was sent,
     so a delivery still running is never doubled. **Without a time limit nothing bounds a
     delivery**: a step whose worker died waits ``STEP_TIMEOUT`` (default 300 s) before recovery
-    re-drives it, and shows as stalled meanwhile only once that has passed. Give every step
-    whose normal run time you know a ``time_limit``.
+    re-drives it, and its saga shows as stalled (``sagas show``) only once that has passed.
+    Give every step whose normal run time you know a ``time_limit``.
 
     ``forward_retries``: after the pivot a step can only go forward. When it fails (its
     ``retry`` policy's attempts spent), it is sent again, one attempt at a time with the

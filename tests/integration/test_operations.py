@@ -10,6 +10,7 @@ The forward tests run on the session's worker against SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -121,6 +122,9 @@ def test_a_pool_down_keeps_one_message_per_stalled_step_and_all_complete_when_it
     assert holds, "recovery looked at them"
     per_saga = max(sum(1 for r in holds if r["saga"] == s) for s in ids)
     assert per_saga <= 6, f"looks back off (2, 4, 8, 8 ... s): {per_saga} in {OUTAGE_SECONDS}s"
+    passes = [float(t) for t in re.findall(r"held \(their messages.*?took ([0-9.]+)s", c.logs())]
+    print(f"reconciler runs that held sagas: {len(passes)}, slowest {max(passes):.2f}s "
+          f"(broker look and decisions included)")
 
     pool_b(c, up=True, concurrency=4)
     for saga_id in ids:
