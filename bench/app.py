@@ -2,10 +2,11 @@
 
 A tool built on the public binding only, like any application: its own ``Celery("bench")``
 configured as a production app would be (JSON, late acks, prefetch 1), ``Sagas(app, settings)``
-with settings from the environment (``DATABASE_URL``, ``REDIS_URL``), plain ``@app.task`` steps
-the engine wraps itself, and the saga registered with ``engine.register``. Its workers run
-``celery -A bench.app worker -Q bench,saga``. The raw variant calls the very same tasks as a
-plain ``chain``: any difference in the figures is the engine's cost, not the tasks'.
+with settings from the environment (``DATABASE_URL``, ``REDIS_URL``, ``BROKER_URL``), plain
+``@app.task`` steps the engine wraps itself, and the saga registered with ``engine.register``.
+Its workers run ``celery -A bench.app worker -Q bench,saga``. The raw variant calls the very
+same tasks as a plain ``chain``: any difference in the figures is the engine's cost, not the
+tasks'.
 
 Measurement hooks are installed only when ``SAGAS_BENCH_DIR`` is set (workers the bench starts):
 - the last task of a saga or chain pushes ``"<key>|<monotonic time>"`` to a Redis list, after
@@ -32,9 +33,9 @@ QUEUE = "bench"
 DONE_KEY = "bench:done"
 NO_RETRY = RetryPolicy(attempts=1, jitter=False)
 
-settings = SagaSettings()  # DATABASE_URL, REDIS_URL, ... from the environment
+settings = SagaSettings()  # DATABASE_URL, REDIS_URL, BROKER_URL, ... from the environment
 
-app = Celery("bench", broker=settings.redis_url, backend=settings.redis_url)
+app = Celery("bench", broker=settings.broker_url, backend=settings.redis_url)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",
@@ -61,15 +62,18 @@ app.conf.update(
 engine = Sagas(app, settings)
 
 
-def point_at(redis_url: str, database_url: str) -> None:
+def point_at(redis_url: str, database_url: str, broker_url: str | None = None) -> None:
     """Re-point this process's app and engine (the bench may have imported it before choosing
-    its private Redis and database); workers get both from the environment instead."""
+    its private Redis and database); workers get them from the environment instead. ``sagas
+    bench`` passes no ``broker_url``: it counts broker messages in its Redis, the broker."""
+    broker_url = broker_url or redis_url
     current = engine.settings
-    if (current.redis_url, current.database_url) != (redis_url, database_url):
+    wanted = (redis_url, broker_url, database_url)
+    if (current.redis_url, current.broker_url, current.database_url) != wanted:
         engine.settings = current.model_copy(
-            update={"redis_url": redis_url, "database_url": database_url}
+            update={"redis_url": redis_url, "broker_url": broker_url, "database_url": database_url}
         )
-    app.conf.broker_url = redis_url
+    app.conf.broker_url = broker_url
     app.conf.result_backend = redis_url
 
 
@@ -124,6 +128,18 @@ bench_saga = engine.register(Saga(
         Step("charge", action=charge, compensation=refund, queue=QUEUE, retry=NO_RETRY),
         Step("ship", action=ship, queue=QUEUE, retry=NO_RETRY),
     ],
+))
+
+# The same saga under semantic locks, a distinct key per saga: what locks cost when no two
+# sagas ever wait on each other (``sagas bench --locks``).
+bench_locked_saga = engine.register(Saga(
+    "bench_locked",
+    steps=[
+        Step("reserve", action=reserve, compensation=release, queue=QUEUE, retry=NO_RETRY),
+        Step("charge", action=charge, compensation=refund, queue=QUEUE, retry=NO_RETRY),
+        Step("ship", action=ship, queue=QUEUE, retry=NO_RETRY),
+    ],
+    locks=lambda data: [f"bench:{data['key']}"],
 ))
 
 

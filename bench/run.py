@@ -65,6 +65,7 @@ class Options:
     json_path: Path | None
     timeout: float
     keep: bool
+    locks: bool = False  # our saga under semantic locks (a distinct key per saga)
 
     def __post_init__(self) -> None:
         if self.quick:  # a smoke-test size
@@ -272,11 +273,12 @@ def percentile(values: list[float], q: float) -> float:
 
 class Bench:
     def __init__(self, env: Env, args: Options, tick: Callable[[int], None]) -> None:
-        from bench.app import DONE_KEY, bench_saga, engine, raw_chain
+        from bench.app import DONE_KEY, bench_locked_saga, bench_saga, engine, raw_chain
 
         self.env, self.args, self.tick = env, args, tick
         self.done_key = DONE_KEY
-        self._start_saga = lambda payload: engine.start(bench_saga, payload).id
+        saga = bench_locked_saga if args.locks else bench_saga
+        self._start_saga = lambda payload: engine.start(saga, payload).id
         self._raw = lambda payload: raw_chain(payload).apply_async()
 
     def submit(self, variant: str, payload: dict[str, Any]) -> None:
@@ -481,7 +483,8 @@ def render(summary: dict[str, Any], info: dict[str, Any], args: Options,
 
     table = Table(
         title=f"sagas bench: N={args.n} (failure {args.failure_n}), repeat {args.repeat}, "
-        f"{info['database']}, {info['cores']} cores, worker -c {args.concurrency}",
+        f"{info['database']}, {info['cores']} cores, worker -c {args.concurrency}"
+        + (", ours under semantic locks" if args.locks else ""),
         caption="medians over repetitions; ratio = median of per-repetition ours/raw",
     )
     table.add_column("metric")
@@ -526,7 +529,7 @@ def bench_env(args: Options, workdir: Path) -> Iterator[tuple[Env, str]]:
         _point_here(redis_url, database_url, workdir).upgrade_schema()
         if not args.use_running_workers:
             env = dict(os.environ)
-            env.update(REDIS_URL=redis_url, DATABASE_URL=database_url,
+            env.update(REDIS_URL=redis_url, BROKER_URL=redis_url, DATABASE_URL=database_url,
                        SAGAS_BENCH_DIR=str(workdir),
                        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                                 env.get("PYTHONPATH")])))
@@ -541,8 +544,9 @@ def bench_env(args: Options, workdir: Path) -> Iterator[tuple[Env, str]]:
 
 def _point_here(redis_url: str, database_url: str, workdir: Path) -> Sagas:
     """Point this process (and the workers it starts, by the environment) at the bench's own
-    Redis and database; returns the bench app's engine."""
-    os.environ.update(REDIS_URL=redis_url, DATABASE_URL=database_url,
+    Redis and database; returns the bench app's engine. That Redis is the broker too, whatever
+    BROKER_URL says: the bench counts and drains broker messages in Redis."""
+    os.environ.update(REDIS_URL=redis_url, BROKER_URL=redis_url, DATABASE_URL=database_url,
                       SAGAS_BENCH_DIR=str(workdir))
     from bench.app import engine, install_counters, point_at
 

@@ -1,7 +1,9 @@
 """The sample's Celery app and its saga engine: ``celery -A config worker`` finds ``config.app``.
 
 JSON only, late acks, one message at a time per worker process. The engine is bound with the
-one public call every Celery shop uses: ``Sagas(app, settings)``.
+one public call every Celery shop uses: ``Sagas(app, settings)``. The broker is ``BROKER_URL``
+(Redis or RabbitMQ; default ``REDIS_URL``); the result backend is always the Redis at
+``REDIS_URL`` (it only holds failures, for the engine's failure handler).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ settings = get_app_settings()
 
 app = Celery(
     "sagas",
-    broker=settings.redis_url,
+    broker=settings.broker_url,
     backend=settings.redis_url,
     include=["tasks.inventory", "tasks.payment", "tasks.shipping", "tasks.order_saga",
              "tasks.audit"],
@@ -36,8 +38,11 @@ app.conf.update(
     result_expires=7 * 24 * 3600,
     # Delivery is at least once: acked after the task ran; a task whose pool process dies is
     # sent again, at most SagaTask.max_retries times, then fails (the bounded worker-lost cap).
-    # A message held by a worker killed whole comes back after the visibility timeout (1 h, far
-    # above the longest step time limit); recovery re-drives its saga long before that.
+    # A message held by a worker killed whole comes back: on Redis after the visibility timeout
+    # (1 h, far above the longest step time limit; recovery re-drives its saga long before
+    # that), on RabbitMQ as soon as the dead worker's connection closes (RabbitMQ ignores the
+    # visibility timeout; its consumer_timeout, 30 min by default, bounds how long a delivery
+    # may stay unacked, countdowns included). See README, RabbitMQ.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     task_retry_on_worker_lost=True,

@@ -19,6 +19,14 @@ class Settings(SagaSettings):
     fault_rate: float = Field(
         0.0, description="Chaos: probability that a participant raises a transient fault"
     )
+    order_locks: str = Field(
+        "customer,sku", description="Semantic locks an order saga holds, comma-separated: "
+        "customer (one order per customer at a time), sku (one per item); empty for none",
+    )
+    order_lock_policy: str = Field(
+        "wait", description="An order whose lock is held: wait (queued, runs when it frees) "
+        "or reject (refused at once, 409 from the web app)",
+    )
     order_step_time_limit: float = Field(
         30.0, gt=0, description="Time limit of each order saga step (s): past it the step is "
         "stopped, and recovery re-drives a step not heard from (tests shorten it)",

@@ -5,7 +5,7 @@ everything else is internal. Start with ``Sagas(app, settings)``.
 """
 
 from sagas.coordinator import Decision, Ignored, IgnoreKind
-from sagas.definition import RetryPolicy, Saga, Step
+from sagas.definition import LockPolicy, RetryPolicy, Saga, Step
 from sagas.engine import AuditCheck, Sagas
 from sagas.errors import (
     BusinessError,
@@ -17,6 +17,7 @@ from sagas.errors import (
     InvalidSagaInputError,
     InvalidTransitionError,
     SagaError,
+    SagaLockedError,
     SagaNotFoundError,
     SagaStateError,
     SagaTimeoutError,
@@ -39,6 +40,7 @@ from sagas.observe.listeners import (
 )
 from sagas.runtime.handle import SagaHandle, SagaOutcome, StepOutcome
 from sagas.runtime.message import StepContext
+from sagas.runtime.starter import StartTask
 from sagas.settings import SagaSettings
 from sagas.states import SagaState, StepState
 
@@ -55,11 +57,13 @@ __all__ = [
     "Ignored",
     "InvalidSagaInputError",
     "InvalidTransitionError",
+    "LockPolicy",
     "RetryPolicy",
     "Saga",
     "SagaError",
     "SagaHandle",
     "SagaListener",
+    "SagaLockedError",
     "SagaNotFoundError",
     "SagaOutcome",
     "SagaSettings",
@@ -67,6 +71,7 @@ __all__ = [
     "SagaStateError",
     "SagaTimeoutError",
     "Sagas",
+    "StartTask",
     "Step",
     "StepAttempt",
     "StepContext",

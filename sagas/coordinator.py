@@ -134,6 +134,21 @@ class Started:
 
 
 @dataclass(frozen=True)
+class LockWaiting:
+    """A start found one of its saga's semantic locks held: it waits for that key."""
+
+    key: str
+    holder: str
+
+
+@dataclass(frozen=True)
+class LockGranted:
+    """A WAITING saga was given the last key it waited for: it starts."""
+
+    key: str
+
+
+@dataclass(frozen=True)
 class StepSucceeded:
     step: str
     phase: Phase
@@ -198,8 +213,8 @@ class DeadlinePassed:
 
 
 Event = (
-    Started | StepSucceeded | StepFailed | StepRetrying | CancelRequested | RetryRequested
-    | Redrive | DeadlinePassed
+    Started | LockWaiting | LockGranted | StepSucceeded | StepFailed | StepRetrying
+    | CancelRequested | RetryRequested | Redrive | DeadlinePassed
 )
 
 
@@ -428,8 +443,8 @@ def decide_success_alone(
     nothing and the caller decides with ``decide`` under the saga's lock instead.
     """
     shape = saga.success_shape.get(step)
-    if shape is None:
-        return None
+    if shape is None or (shape is SuccessShape.COMPLETE and saga.locks is not None):
+        return None  # (a saga with semantic locks releases them as it completes: the lock path)
     snap.state = SagaState.RUNNING
     snap.steps[step] = StepSnapshot(step, StepState.RUNNING, attempts=attempt)
     children = saga.children[step]
@@ -452,6 +467,28 @@ def _on_started(m: _Machine, event: Started) -> Ignored | None:
         return Ignored(IgnoreKind.ALREADY_STARTED, f"saga already {m.snap.state}")
     m.saga_to(SagaState.RUNNING)
     m.run_ready_steps()
+    return None
+
+
+def _on_lock_granted(m: _Machine, event: LockGranted) -> Ignored | None:
+    if m.snap.state != SagaState.WAITING:
+        return Ignored(IgnoreKind.ALREADY_STARTED, f"saga already {m.snap.state}")
+    m.saga_to(SagaState.RUNNING)
+    m.run_ready_steps()
+    return None
+
+
+def _on_lock_waiting(m: _Machine, event: LockWaiting) -> Ignored | None:
+    if m.snap.state not in (SagaState.PENDING, SagaState.WAITING):
+        return Ignored(IgnoreKind.ALREADY_STARTED, f"saga already {m.snap.state}")
+    # The reason rides on the transition (the history, `sagas show`), not as the saga's error.
+    check_saga_transition(m.snap.state, SagaState.WAITING)
+    m.out.transitions.append(Transition(
+        None, m.snap.state, SagaState.WAITING, 0,
+        f"waiting for key {event.key!r}, held by saga {event.holder}",
+    ))
+    m.snap.state = SagaState.WAITING
+    m.out.saga_changed = True
     return None
 
 
@@ -561,7 +598,7 @@ def _on_cancel(m: _Machine, event: CancelRequested) -> Ignored | None:
             f"saga {m.snap.id} is FORWARD_FAILED: it passed its pivot step {m.saga.pivot!r} and "
             "can only go forward; fix the cause, then retry it"
         )
-    if m.snap.state not in (SagaState.PENDING, SagaState.RUNNING):
+    if m.snap.state not in (SagaState.PENDING, SagaState.WAITING, SagaState.RUNNING):
         raise SagaStateError(f"saga {m.snap.id} is {m.snap.state}; only a running saga cancels")
     if m.pivot_passed():
         raise SagaStateError(
@@ -597,12 +634,19 @@ def _on_retry(m: _Machine, event: RetryRequested) -> Ignored | None:
         return None
     if m.snap.state in (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.PENDING):
         return _on_redrive(m, Redrive())
+    if m.snap.state == SagaState.WAITING:
+        raise SagaStateError(
+            f"saga {m.snap.id} is WAITING for a semantic lock; it starts when the key frees "
+            "(`sagas locks` shows who holds it)"
+        )
     raise SagaStateError(f"saga {m.snap.id} is {m.snap.state}; there is nothing to retry")
 
 
 def _on_redrive(m: _Machine, event: Redrive) -> Ignored | None:
     if m.snap.state == SagaState.PENDING:
         return _on_started(m, Started())
+    if m.snap.state == SagaState.WAITING:
+        return Ignored(IgnoreKind.NOTHING_TO_REDRIVE, "waiting for a semantic lock")
     if m.snap.state in SAGA_PARKED:
         return Ignored(IgnoreKind.SETTLED, f"saga is {m.snap.state}: an operator retries it")
     wanted = set(event.steps) or set(m.snap.steps)
@@ -634,7 +678,7 @@ def _on_redrive(m: _Machine, event: Redrive) -> Ignored | None:
 
 
 def _on_deadline(m: _Machine, event: DeadlinePassed) -> Ignored | None:
-    if m.snap.state not in (SagaState.PENDING, SagaState.RUNNING):
+    if m.snap.state not in (SagaState.PENDING, SagaState.WAITING, SagaState.RUNNING):
         return Ignored(IgnoreKind.SETTLED, f"saga already {m.snap.state}")
     if m.pivot_passed():
         return Ignored(
@@ -655,6 +699,8 @@ def _on_deadline(m: _Machine, event: DeadlinePassed) -> Ignored | None:
 
 _HANDLERS: dict[type, Callable[[_Machine, Any], Ignored | None]] = {
     Started: _on_started,
+    LockWaiting: _on_lock_waiting,
+    LockGranted: _on_lock_granted,
     StepSucceeded: _on_succeeded,
     StepFailed: _on_failed,
     StepRetrying: _on_retrying,

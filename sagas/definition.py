@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -24,6 +24,17 @@ from sagas.errors import (
 )
 
 DEFAULT_QUEUE = "saga"
+
+
+MAX_LOCK_KEY = 200
+"""Longest semantic lock key (``saga_locks.key``)."""
+
+
+class LockPolicy(StrEnum):
+    """What a start does when a key its saga needs is held by another saga."""
+
+    WAIT = "wait"  # recorded WAITING; runs in arrival order when the key frees
+    REJECT = "reject"  # refused at once with SagaLockedError naming the key and its holder
 
 
 class SuccessShape(StrEnum):
@@ -135,6 +146,8 @@ class Saga:
         input_model: type[BaseModel] | None = None,
         deadline: float | None = None,
         version: int = 1,
+        locks: Callable[[Any], Iterable[str]] | None = None,
+        on_locked: LockPolicy | str = "wait",
     ) -> None:
         if not name:
             raise DefinitionError("a saga needs a name")
@@ -144,6 +157,14 @@ class Saga:
         self.version = version
         self.input_model = input_model
         self.deadline = deadline
+        self.locks = locks
+        try:
+            self.on_locked = LockPolicy(on_locked)
+        except ValueError:
+            raise DefinitionError(
+                f"saga {name!r}: on_locked must be one of "
+                f"{', '.join(p.value for p in LockPolicy)}, not {on_locked!r}"
+            ) from None
         self.steps: dict[str, Step] = {}
         self.parents: dict[str, tuple[str, ...]] = {}
         previous: str | None = None
@@ -275,6 +296,34 @@ class Saga:
         ]
         canonical = json.dumps(shape, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    # --- semantic locks ------------------------------------------------------
+    def lock_keys(self, payload: Mapping[str, Any]) -> tuple[str, ...]:
+        """The keys an instance with this (validated) input holds, sorted: the order every
+        saga takes them in, so two sagas never wait on each other's keys.
+
+        ``locks`` gets the input model's instance when the saga declares one (so
+        ``lambda o: [f"customer:{o.customer_id}"]`` works), else the input dict.
+        """
+        if self.locks is None:
+            return ()
+        value: Any = payload
+        if self.input_model is not None:
+            value = self.input_model.model_validate(payload)
+        try:
+            keys = list(self.locks(value))
+        except Exception as exc:
+            raise InvalidSagaInputError(
+                f"saga {self.name!r}: its locks could not be computed from this input: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        for key in keys:
+            if not isinstance(key, str) or not key or len(key) > MAX_LOCK_KEY:
+                raise InvalidSagaInputError(
+                    f"saga {self.name!r}: a lock key must be a non-empty string of at most "
+                    f"{MAX_LOCK_KEY} characters, got {key!r}"
+                )
+        return tuple(sorted(set(keys)))
 
     # --- input ---------------------------------------------------------------
     def validate_input(self, data: Any) -> dict[str, Any]:

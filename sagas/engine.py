@@ -34,10 +34,11 @@ from sagas.runtime.handle import SagaHandle, SagaOutcome, read_outcomes
 from sagas.runtime.recovery import BEAT_ENTRY, RecoveryReport, beat_entry, recover_stalled
 from sagas.runtime.relay import Relay
 from sagas.runtime.stalls import Stall, stall_of
+from sagas.runtime.starter import StartTask, make_start_task
 from sagas.runtime.transitions import cancel_saga, retry_saga, start_saga
 from sagas.settings import SagaSettings
 from sagas.states import SagaState
-from sagas.store import migrate
+from sagas.store import locks, migrate
 from sagas.store.sql import Store, utcnow
 
 log = logging.getLogger("sagas")
@@ -311,6 +312,22 @@ class Sagas:
         )
         return SagaHandle(self._binding, started)
 
+    def start_task(
+        self, saga: Saga | str, *, name: str | None = None, **options: Any
+    ) -> StartTask:
+        """A Celery task that starts ``saga`` durably, for code that starts work with ``.delay``.
+
+        ``task.delay(data)`` (or ``apply_async((data,), {"idempotency_key": key},
+        task_id=...)``) records the saga in the store and publishes its first steps before it
+        returns, in the caller's process; the AsyncResult's id is the saga id. A store that
+        cannot be reached raises ``StoreUnavailableError`` there. With ``countdown``/``eta``
+        the saga is recorded PENDING and started then. ``name`` defaults to
+        ``sagas.start.<saga>``; other options go to ``app.task`` (the queue defaults to the
+        saga queue, where a start message sent by name is run).
+        """
+        definition = saga if isinstance(saga, Saga) else self.saga(saga)
+        return make_start_task(self._binding, definition, name, **options)
+
     def handle(self, saga_id: str) -> SagaHandle:
         """A handle on an existing saga id (e.g. the id of ``start_order_saga.delay(...)``)."""
         return SagaHandle(self._binding, saga_id)
@@ -342,6 +359,18 @@ class Sagas:
         stall = self.stall(saga_id)
         view["stalled"] = None if stall is None else stall.as_dict(self.settings)
         return view
+
+    def lock_holder(self, key: str) -> str | None:
+        """The saga holding semantic lock ``key``, or None: for a pessimistic view (a read API
+        that shows a record as "being changed" while a saga holds its key)."""
+        with self.store.read() as conn:
+            return locks.holder_of(conn, key)
+
+    def locks(self, key: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Held semantic locks, newest first (or just ``key``): each with its holder and the
+        sagas waiting for it in arrival order."""
+        with self.store.read() as conn:
+            return locks.listing(conn, key, limit)
 
     def retry(self, saga_id: str) -> Decision:
         """Resume a parked (COMPENSATION_FAILED, FORWARD_FAILED) saga, or re-drive a stalled one."""

@@ -56,6 +56,15 @@ class InvalidSagaInputError(SagaError):
     """The saga input is not a JSON object or fails its pydantic model."""
 
 
+class SagaLockedError(SagaError):
+    """A start refused because a semantic lock its saga needs is held (policy ``reject``)."""
+
+    def __init__(self, message: str, *, key: str, holder: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.holder = holder
+
+
 class IdempotencyConflictError(SagaError):
     """An idempotency key reused with a different payload."""
 

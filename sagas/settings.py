@@ -6,7 +6,9 @@ Defaults come from the environment (``DATABASE_URL``, ``RECOVERY_INTERVAL``, ...
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,7 +23,10 @@ class SagaSettings(BaseSettings):
     )
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Broker the outbox relay publishes to unless SAGAS_OUTBOX_BROKER_URL is set",
+        description="Redis: the result backend (failures only), and the broker unless BROKER_URL",
+    )
+    broker_url: str = Field(
+        "", description="Celery broker (redis://..., amqp://...); empty or unset: REDIS_URL"
     )
     saga_queue: str = Field("saga", description="Queue of the coordinator's own tasks")
     sql_echo: bool = Field(False, description="Log every SQL statement (SQLAlchemy echo)")
@@ -65,7 +70,7 @@ class SagaSettings(BaseSettings):
 
     # --- the outbox ----------------------------------------------------------------------------
     sagas_outbox_broker_url: str | None = Field(
-        None, description="Broker the outbox relay publishes to (default: REDIS_URL)"
+        None, description="Broker the outbox relay publishes to (default: BROKER_URL)"
     )
     sagas_outbox_batch: int = Field(
         100, gt=0, description="Log rows the relay reads and publishes per batch"
@@ -74,6 +79,15 @@ class SagaSettings(BaseSettings):
         0.5, gt=0, description="Relay poll interval when idle (s)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _broker_defaults_to_redis(cls, data: Any) -> Any:
+        """No BROKER_URL: the broker is the Redis at REDIS_URL, as before the setting existed."""
+        if isinstance(data, dict) and not data.get("broker_url"):
+            data = {**data, "broker_url": data.get("redis_url") or cls.model_fields[
+                "redis_url"].default}
+        return data
+
     @property
     def outbox_broker_url(self) -> str:
-        return self.sagas_outbox_broker_url or self.redis_url
+        return self.sagas_outbox_broker_url or self.broker_url

@@ -9,6 +9,7 @@ from sagas.errors import InvalidTransitionError
 
 class SagaState(StrEnum):
     PENDING = "PENDING"
+    WAITING = "WAITING"  # a semantic lock it needs is held: it starts when the key frees
     RUNNING = "RUNNING"
     COMPENSATING = "COMPENSATING"
     COMPLETED = "COMPLETED"
@@ -43,7 +44,14 @@ SAGA_SETTLED = SAGA_TERMINAL | SAGA_PARKED
 """States in which nothing runs until an operator acts."""
 
 SAGA_TRANSITIONS: dict[SagaState, frozenset[SagaState]] = {
-    SagaState.PENDING: frozenset({SagaState.RUNNING, SagaState.COMPENSATING}),
+    SagaState.PENDING: frozenset(
+        {SagaState.WAITING, SagaState.RUNNING, SagaState.COMPENSATING}
+    ),
+    # Its keys granted, it starts; cancelled or past its deadline, it rolls back (nothing ran).
+    # WAITING -> WAITING: given one key, it waits for its next one.
+    SagaState.WAITING: frozenset(
+        {SagaState.WAITING, SagaState.RUNNING, SagaState.COMPENSATING}
+    ),
     # RUNNING -> FORWARD_FAILED: past the pivot a step failed for good; the saga parks.
     SagaState.RUNNING: frozenset(
         {SagaState.COMPLETED, SagaState.COMPENSATING, SagaState.FORWARD_FAILED}

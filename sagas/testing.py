@@ -360,7 +360,6 @@ class SagaRunner:
         participants: Mapping[str, Participant] | None = None,
         settings: SagaSettings | None = None,
         database_url: str | None = None,
-        outbox: bool = False,
         lost_worker_redeliveries: int = 0,
         clock: VirtualClock | None = None,
     ) -> None:
@@ -377,7 +376,7 @@ class SagaRunner:
             )
         base = settings if settings is not None else SagaSettings()
         self.settings = base.model_copy(update={
-            "database_url": database_url, "sagas_listeners": "", "sagas_outbox": outbox,
+            "database_url": database_url, "sagas_listeners": "",
         })
         # A throwaway app: its broker is never used, since the publisher below replaces it.
         self.app = Celery(f"sagas-testing-{uuid.uuid4().hex[:8]}", broker="memory://",

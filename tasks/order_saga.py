@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from config import app, engine
-from config.queues import INVENTORY, PAYMENT, SAGA, SHIPPING
+from config import engine
+from config.queues import INVENTORY, PAYMENT, SHIPPING
 from config.settings import get_app_settings
 from sagas import RetryPolicy, Saga, Step
 from tasks import inventory, payment, shipping
@@ -31,6 +30,21 @@ class OrderInput(BaseModel):
 
 
 STEP_TIME_LIMIT = get_app_settings().order_step_time_limit
+LOCKS = {k.strip() for k in get_app_settings().order_locks.split(",") if k.strip()}
+
+
+def order_locks(order: OrderInput) -> list[str]:
+    """Semantic locks: one order per customer at a time, one per item (``ORDER_LOCKS``).
+
+    A second order of the same customer waits until the first one ends: two orders never
+    interleave their charges and refunds of one customer, nor their reservations of one item.
+    """
+    keys = []
+    if "customer" in LOCKS:
+        keys.append(f"customer:{order.customer_id}")
+    if "sku" in LOCKS:
+        keys.append(f"sku:{order.item}")
+    return keys
 
 order_saga = engine.register(Saga(
     "order",
@@ -49,12 +63,11 @@ order_saga = engine.register(Saga(
         ),
     ],
     input_model=OrderInput,
+    locks=order_locks if LOCKS else None,
+    on_locked=get_app_settings().order_lock_policy,
 ))
 
 
-@app.task(name="orders.start_saga", bind=True, queue=SAGA)
-def start_order_saga(self: Any, order: dict[str, Any], idempotency_key: str | None = None) -> str:
-    """``start_order_saga.delay(order)``: the AsyncResult's id is the saga id."""
-    return engine.start(
-        order_saga, order, saga_id=self.request.id, idempotency_key=idempotency_key
-    ).id
+# ``start_order_saga.delay(order)`` records the saga before it returns (the AsyncResult's id is
+# the saga id): a broker that loses messages can delay an order, never lose it.
+start_order_saga = engine.start_task(order_saga, name="orders.start_saga")

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql import Select
 
 from config import engine
-from sagas import SagaOutcome, SagaState
+from sagas import SagaLockedError, SagaOutcome, SagaState
 from sagas.ops.api import AdminAuth, Offset, Problem
 from tasks.db import transaction
 from tasks.models import Charge, DomainBase, Refund, Reservation, Shipment, Stock
@@ -184,7 +184,7 @@ def _page(model: type[BaseModel], table: Table, saga_id: str | None, limit: int,
 
 
 def _enqueue(order_id: str, payload: dict[str, Any], key: str | None) -> None:
-    """Publish the start; the worker's ``start_saga`` dedups by saga id, so re-sending is safe."""
+    """Start the saga (recorded before this returns); a repeat with the same id is the same."""
     start_order_saga.apply_async(
         args=(payload,), kwargs={"idempotency_key": f"order:{key}" if key else None},
         task_id=order_id,
@@ -237,7 +237,8 @@ def orders_router(auth: AdminAuth) -> APIRouter:
         tags=["orders"],
         responses={202: {"description": "Accepted; the saga runs on the workers",
                          "links": ORDER_LINKS},
-                   409: {"model": Problem, "description": "Idempotency-Key reused"},
+                   409: {"model": Problem, "description": "Idempotency-Key reused, or "
+                         "(ORDER_LOCK_POLICY=reject) the customer or item is locked by a saga"},
                    413: {"model": Problem}, 503: {"model": Problem}},
     )
     def create_order(
@@ -272,10 +273,10 @@ def orders_router(auth: AdminAuth) -> APIRouter:
             return _replay(existing, digest, payload, idempotency_key or "", response)
         try:
             _enqueue(order_id, payload, idempotency_key)
-        except Exception:
-            if not idempotency_key:
-                # Nobody can ask for this order again: do not leave it pending forever.
-                # (With a key, the client's retry finds it and publishes again.)
+        except Exception as exc:
+            if not idempotency_key or isinstance(exc, SagaLockedError):
+                # Nobody can ask for this order again (or it was refused for good): do not
+                # leave it pending forever. (With a key, the client's retry starts it.)
                 with transaction() as conn:
                     conn.execute(delete(orders_t).where(orders_t.c.id == order_id))
             raise

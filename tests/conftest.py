@@ -1,4 +1,10 @@
-"""Shared fixtures: real Redis, real databases (SQLite file and PostgreSQL), real workers."""
+"""Shared fixtures: real Redis, real databases (SQLite file and PostgreSQL), real workers.
+
+The broker is the session's private Redis, or with ``SAGAS_TEST_BROKER=rabbitmq`` a RabbitMQ
+vhost of the session's own on the machine's server (the result backend stays the private
+Redis, as in production). Without a reachable RabbitMQ that session's tests skip, and fail
+under CI=true.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from tests.support.services import (
+    AMQP_URL,
+    RabbitVhost,
     RedisServer,
+    broker_kind,
     create_pg_database,
+    create_vhost,
     drop_pg_database,
     postgres_reachable,
+    rabbitmq_reachable,
     require_service,
     start_redis,
 )
@@ -24,21 +36,74 @@ from tests.support.workers import WorkerProcess
 
 TEST_IMPORTS = "tests.support.test_sagas"
 
+TEST_BROKER = broker_kind()
+ON_RABBITMQ = TEST_BROKER == "rabbitmq"
+# The stores the ``backend`` scenarios run on; SAGAS_TEST_DATABASES=sqlite narrows a pass (the
+# RabbitMQ pass of `make test` runs on SQLite only: the stores are covered by the Redis pass).
+DATABASES = [d.strip() for d in os.environ.get("SAGAS_TEST_DATABASES",
+                                               "sqlite,postgresql").split(",") if d.strip()]
+if not set(DATABASES) <= {"sqlite", "postgresql"} or not DATABASES:
+    raise pytest.UsageError(f"SAGAS_TEST_DATABASES={DATABASES}: sqlite and/or postgresql")
+
 # A private Redis for the whole session, so tests never touch the machine's own.
 _REDIS: RedisServer = start_redis()
 os.environ["REDIS_URL"] = _REDIS.url
 os.environ["SAGAS_IMPORTS"] = TEST_IMPORTS
 os.environ["SAGAS_APP"] = "config"  # the sample app, for the CLI run as a subprocess
 os.environ.setdefault("DATABASE_URL", "sqlite:////tmp/sagas-unit-placeholder.db")
+os.environ.pop("BROKER_URL", None)  # never a broker from the shell: the session's own below
+_VHOSTS: list[RabbitVhost] = []
+_RABBITMQ_UP = ON_RABBITMQ and rabbitmq_reachable()
+if _RABBITMQ_UP:
+    _VHOSTS.append(create_vhost("session"))
+    os.environ["BROKER_URL"] = _VHOSTS[0].url
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _REDIS.stop()
+    for vhost in _VHOSTS:
+        vhost.delete()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"sagas broker: {os.environ.get('BROKER_URL') or _REDIS.url} ({TEST_BROKER})"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rabbitmq_when_asked() -> None:
+    """SAGAS_TEST_BROKER=rabbitmq without a reachable RabbitMQ: skip, or fail under CI."""
+    if ON_RABBITMQ:
+        where = urlsplit(AMQP_URL)
+        require_service(_RABBITMQ_UP, f"RabbitMQ at {where.hostname}:{where.port or 5672} "
+                                      "(SAGAS_TEST_AMQP_URL, and rabbitmqctl to make vhosts)")
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> RedisServer:
     return _REDIS
+
+
+def broker_url() -> str:
+    """The session's broker: its RabbitMQ vhost, or its private Redis."""
+    return os.environ.get("BROKER_URL") or _REDIS.url
+
+
+def broker_down(port: int) -> dict[str, str]:
+    """Environment overrides that point a process's broker at ``port``, where nothing listens:
+    REDIS_URL on Redis (broker and result backend), BROKER_URL on RabbitMQ."""
+    if ON_RABBITMQ:
+        return {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{port}//"}
+    return {"REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+
+
+def private_broker(label: str, redis_db: int) -> str:
+    """A broker namespace no other test's workers consume: Redis database ``redis_db`` of the
+    session's Redis, or on RabbitMQ a vhost of its own (deleted at the end of the session)."""
+    if not ON_RABBITMQ:
+        return _REDIS.url_db(redis_db)
+    vhost = create_vhost(label)
+    _VHOSTS.append(vhost)
+    return vhost.url
 
 
 def use_database(url: str, redis_db: int = 0) -> None:
@@ -66,8 +131,8 @@ class Backend:
 def _worker_env(database_url: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        REDIS_URL=_REDIS.url, DATABASE_URL=database_url, SAGAS_IMPORTS=TEST_IMPORTS,
-        SAGAS_APP="config",
+        REDIS_URL=_REDIS.url, DATABASE_URL=database_url,
+        SAGAS_IMPORTS=TEST_IMPORTS, SAGAS_APP="config",
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
     )
     return env
@@ -107,7 +172,7 @@ def fresh_database(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             drop_pg_database(pg_name)
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session", params=DATABASES)
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[Backend]:
     """A migrated database of each kind with a real worker serving every queue."""

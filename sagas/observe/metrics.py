@@ -6,10 +6,16 @@ keeps them in files that any process aggregates: the web app's ``/metrics`` then
 workers' numbers too, and a prefork worker's main process serves them on
 ``SAGAS_METRICS_PORT``. Gauges of sagas in flight are read from the store at scrape time, so
 they are right whichever process moved the saga.
+
+The directory is emptied by the first process that uses it while no other live process does
+(``claim_multiprocess_dir``): files of an earlier run would otherwise add to this run's
+counters, while a worker restarted beside running ones keeps everybody's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -43,7 +49,8 @@ log = logging.getLogger("sagas.metrics")
 
 SAGA_FINAL = ("COMPLETED", "COMPENSATED", "COMPENSATION_FAILED", "FORWARD_FAILED")
 STEP_FINAL = ("SUCCEEDED", "FAILED", "COMPENSATED", "COMPENSATION_FAILED", "SKIPPED")
-IN_FLIGHT = ("PENDING", "RUNNING", "COMPENSATING", "COMPENSATION_FAILED", "FORWARD_FAILED")
+IN_FLIGHT = ("PENDING", "WAITING", "RUNNING", "COMPENSATING", "COMPENSATION_FAILED",
+             "FORWARD_FAILED")
 _LONG = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, float("inf"))
 
 SAGAS_STARTED = Counter("sagas_started_total", "Sagas started", ["saga"])
@@ -193,6 +200,44 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+_LOCK_NAME = ".sagas-users.lock"
+_claim_fd: int | None = None
+
+
+def claim_multiprocess_dir() -> bool:
+    """Join the multiprocess directory; empty it first when no other live process uses it.
+
+    Every process holds a shared ``flock`` on ``DIR/.sagas-users.lock`` for its lifetime (a
+    prefork pool's children share their parent's). The first one to start, finding nobody
+    holding it, briefly takes it exclusively and deletes the ``*.db`` files of an earlier run:
+    so "wipe it before start" needs no script, under any process manager, and a worker
+    restarted while the others run keeps their numbers. Call it before this process records a
+    metric (``install`` does, when an engine is bound). Returns True when it emptied the
+    directory. The directory is created if missing.
+    """
+    global _claim_fd
+    path = multiprocess_dir()
+    if not path or _claim_fd is not None:
+        return False
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(os.path.join(path, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    emptied = False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass  # others are running: their files are this run's
+    else:
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(path, name))
+        emptied = True
+        log.info("emptied the metrics directory %s of an earlier run's files", path)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process is emptying it
+    _claim_fd = fd
+    return emptied
+
+
 def scrape_registry() -> CollectorRegistry:
     """The registry to expose: every process's files in multiprocess mode, else this process."""
     if multiprocess_dir():
@@ -230,7 +275,12 @@ def serve_worker_metrics(port: int | None, addr: str = "0.0.0.0") -> bool:
     if not multiprocess_dir():
         log.warning("SAGAS_METRICS_PORT without PROMETHEUS_MULTIPROC_DIR: prefork children's "
                     "metrics are invisible; see README, Metrics")
-    start_http_server(port, addr=addr, registry=scrape_registry())
+    try:
+        start_http_server(port, addr=addr, registry=scrape_registry())
+    except OSError as exc:  # e.g. another worker on this host took the port: serve on
+        log.error("worker metrics not served on %s:%s: %s (give each worker on a host its own "
+                  "SAGAS_METRICS_PORT)", addr, port, exc)
+        return False
     _served = True
     log.info("worker metrics on %s:%s/metrics", addr, port)
     return True

@@ -57,6 +57,7 @@ def install(settings: SagaSettings, store: metrics.StoreSource, *, key: str) -> 
     ``store`` is what a worker's ``/metrics`` counts ``sagas_in_flight`` in (the first engine
     bound in the process, unless a web app names its own).
     """
+    metrics.claim_multiprocess_dir()
     listeners.configure(lambda: listeners_named(settings.sagas_listeners), key=key)
     metrics.count_in_flight_of(store, replace=False)
 

@@ -11,6 +11,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -42,6 +43,7 @@ from sagas.errors import (
     IdempotencyConflictError,
     InvalidSagaInputError,
     SagaError,
+    SagaLockedError,
     SagaNotFoundError,
     SagaStateError,
     StoreUnavailableError,
@@ -172,6 +174,13 @@ class SagaView(BaseModel):
     events: list[EventView]
     stalled: StallView | None = Field(
         None, description="Why a live saga makes no progress, or null")
+
+
+class LockView(BaseModel):
+    key: str = Field(description="A semantic lock key (Saga(locks=...))")
+    holder: str = Field(description="The saga that holds it")
+    taken_at: datetime | None
+    waiting: list[str] = Field(description="Sagas waiting for it, first in line first")
 
 
 class ActionResult(BaseModel):
@@ -311,6 +320,16 @@ def saga_router(engine: Sagas, auth: AdminAuth) -> APIRouter:
         stalled."""
         return engine.view(saga_id)
 
+    @router.get("/locks", response_model=list[LockView], tags=["sagas"], dependencies=read,
+                responses=read_errors)  # type: ignore[arg-type]
+    def list_locks(
+        key: Annotated[str | None, Query(min_length=1, max_length=200,
+                                         description="Only this key")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    ) -> list[dict[str, Any]]:
+        """Semantic locks held now: each key's holder and the sagas waiting for it."""
+        return engine.locks(key, limit)
+
     @router.post("/sagas/{saga_id}/retry", response_model=ActionResult, tags=["sagas"],
                  status_code=status.HTTP_202_ACCEPTED, dependencies=admin, responses=_ERRORS)
     def retry(saga_id: Annotated[str, SAGA_ID]) -> ActionResult:
@@ -366,6 +385,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _saga_error(_: Request, exc: SagaError) -> JSONResponse:
         if isinstance(exc, SagaNotFoundError):
             return _problem(404, str(exc))
+        if isinstance(exc, SagaLockedError):
+            # The key and its holder, typed, so a client can show or wait for the holder.
+            return JSONResponse({"detail": str(exc), "key": exc.key, "holder": exc.holder},
+                                status_code=409)
         if isinstance(exc, SagaStateError | IdempotencyConflictError):
             return _problem(409, str(exc))
         if isinstance(exc, InvalidSagaInputError):

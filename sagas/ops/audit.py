@@ -57,8 +57,10 @@ PARKED = "parked"
 STUCK = "stuck"
 """Rules of findings that name a state rather than an invariant (``RULE_IDLE`` reports both)."""
 
-IN_FLIGHT = frozenset({SagaState.PENDING, SagaState.RUNNING, SagaState.COMPENSATING})
-DEADLINE_STATES = frozenset({SagaState.PENDING, SagaState.RUNNING})
+IN_FLIGHT = frozenset(
+    {SagaState.PENDING, SagaState.WAITING, SagaState.RUNNING, SagaState.COMPENSATING}
+)
+DEADLINE_STATES = frozenset({SagaState.PENDING, SagaState.WAITING, SagaState.RUNNING})
 STILL_ACTIVE = frozenset({StepState.RUNNING, StepState.COMPENSATING, StepState.COMPENSATION_FAILED})
 
 _IDLE: ContextVar[bool] = ContextVar("sagas_audit_idle", default=True)

@@ -391,6 +391,14 @@ def show(saga_id: SagaId, as_json: AsJson = False) -> None:
         table.add_row(s["name"], styled(s["state"]), str(s["attempts"]),
                       str(s["compensation_attempts"]), s["error"] or "")
     out.print(table)
+    held = view.get("locks") or {}
+    if held.get("holds"):
+        out.print("holds semantic locks: " + ", ".join(held["holds"]), markup=False,
+                  highlight=False, soft_wrap=True)
+    for key in held.get("waits") or ():
+        holder = engine().lock_holder(key)
+        out.print(f"waits for key {key} (held by saga {holder or 'nobody now'})", markup=False,
+                  highlight=False, soft_wrap=True)
     out.print("input: " + json.dumps(view["context"]["input"], default=str), markup=False,
               highlight=False, soft_wrap=True)
     for step_name, result in view["context"]["results"].items():
@@ -508,6 +516,37 @@ def retry(saga_id: SagaId) -> None:
 def cancel(saga_id: SagaId) -> None:
     """Cancel a running saga: its succeeded steps are compensated."""
     _operate(saga_id, lambda current, found: current.cancel(found))
+
+
+@command(cli, "locks")
+@operator_errors
+def locks_cmd(
+    key: Annotated[str | None, typer.Argument(
+        metavar="KEY", show_default=False,
+        help="Only this key (e.g. customer:c1); by default every held key")] = None,
+    limit: Annotated[int, typer.Option(
+        metavar="N", callback=_within(1, MAX_OFFSET), help="Most keys to list")] = 100,
+    as_json: AsJson = False,
+) -> None:
+    """Semantic locks: who holds each key, and who waits for it in arrival order."""
+    rows = engine().locks(key, limit)
+    if as_json:
+        print_json([{**r, "taken_at": _iso_or_none(r["taken_at"])} for r in rows])
+        return
+    if not rows:
+        out.print(f"key {key} is free" if key else "no key is held", highlight=False)
+        return
+    # Keys and saga ids are whole at any width (ids are what `show` takes).
+    for r in rows:
+        out.print(f"{r['key']}  held by {r['holder']}", markup=False, highlight=False,
+                  soft_wrap=True)
+        for position, waiter in enumerate(r["waiting"], 1):
+            out.print(f"  {position}. waiting: {waiter}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
+def _iso_or_none(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 @command(cli, "recover")
@@ -711,7 +750,7 @@ def _checkout_module(name: str) -> Any:
 
 
 _THROUGHPUT_ONLY = ("n", "failure_n", "repeat", "idle", "warmup", "redis_url",
-                    "use_running_workers", "no_failure", "quick", "keep")
+                    "use_running_workers", "no_failure", "quick", "keep", "locks")
 """Options of the throughput bench that ``--in-flight`` has no use for."""
 
 
@@ -759,6 +798,8 @@ def bench(
         "the whole drain's limit, default 1800)")] = None,
     keep: Annotated[bool, typer.Option(
         "--keep", help="Keep the temporary directory (the worker's log)")] = False,
+    locks: Annotated[bool, typer.Option(
+        "--locks", help="Our saga under semantic locks, a distinct key per saga")] = False,
 ) -> None:
     """Our saga against a raw Celery chain of the same tasks, in the same run.
 
@@ -785,7 +826,7 @@ def bench(
         n=n, failure_n=failure_n, repeat=repeat, idle=idle, warmup=warmup,
         concurrency=concurrency, database_url=database_url, redis_url=redis_url,
         use_running_workers=use_running_workers, no_failure=no_failure, quick=quick,
-        json_path=json_path, timeout=timeout or 120.0, keep=keep,
+        json_path=json_path, timeout=timeout or 120.0, keep=keep, locks=locks,
     )))
 
 

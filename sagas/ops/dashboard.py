@@ -47,7 +47,7 @@ from sagas.store.sql import _iso, sagas_t, utcnow
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"])
 
-SAGA_STATES = ("PENDING", "RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED",
+SAGA_STATES = ("PENDING", "WAITING", "RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED",
                "COMPENSATION_FAILED", "FORWARD_FAILED")
 LIVE_STATES = ("PENDING", "RUNNING", "COMPENSATING")
 """States in which a saga has work in flight: past its stall deadline it is stalled."""
@@ -282,7 +282,7 @@ def actions(view: dict[str, Any], saga: Saga | None, stall: dict[str, Any] | Non
                         "is retried"}
     steps = {s["name"]: s["state"] for s in view["steps"]}
     pivot = saga.pivot if saga is not None else None
-    if state not in ("PENDING", "RUNNING"):
+    if state not in ("PENDING", "WAITING", "RUNNING"):
         cancel = {"allowed": False, "why": f"a {state} saga does not cancel"}
     elif pivot is not None and steps.get(pivot) == "SUCCEEDED":
         cancel = {"allowed": False, "why": f"past its pivot {pivot!r}: it can only go forward"}
@@ -504,6 +504,7 @@ STEP_PAINT: dict[str, Paint] = {
 }
 SAGA_PAINT: dict[str, Paint] = {
     "PENDING": STEP_PAINT["PENDING"], "RUNNING": STEP_PAINT["RUNNING"],
+    "WAITING": Paint("#fef3c7", "#78350f", "#b45309"),  # waits for a semantic lock
     "COMPENSATING": STEP_PAINT["COMPENSATING"], "COMPLETED": STEP_PAINT["SUCCEEDED"],
     "COMPENSATED": STEP_PAINT["COMPENSATED"],
     "COMPENSATION_FAILED": STEP_PAINT["COMPENSATION_FAILED"],

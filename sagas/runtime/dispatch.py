@@ -75,6 +75,7 @@ def build_signature(
         attempt=dispatch.attempt, version=saga.version,
         after_pivot=dispatch.step in saga.after_pivot,
         inline=inline, input=snap.input, results=snap.results(), sent=time.time(),
+        locks=saga.lock_keys(snap.input) if saga.locks is not None else (),
     )
     return app.signature(name, args=(context,), **options)
 

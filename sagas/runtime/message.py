@@ -33,6 +33,7 @@ class StepContext(BaseModel):
     sent: float = 0.0  # when it was dispatched (epoch seconds; see sagas.runtime.revoke)
     input: dict[str, Any] = Field(default_factory=dict)
     results: dict[str, Any] = Field(default_factory=dict)
+    locks: list[str] = Field(default_factory=list)  # the semantic locks its saga holds
 
     @staticmethod
     def build(
@@ -48,6 +49,7 @@ class StepContext(BaseModel):
         input: dict[str, Any],
         results: dict[str, Any],
         sent: float = 0.0,
+        locks: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """The message body (a plain JSON object: what Celery serialises and Flower shows)."""
         return {
@@ -55,6 +57,7 @@ class StepContext(BaseModel):
             "version": version,
             "idempotency_key": idempotency_key(saga_id, step), "after_pivot": after_pivot,
             "inline": inline, "sent": sent, "input": input, "results": results,
+            **({"locks": list(locks)} if locks else {}),
         }
 
     @classmethod

@@ -53,8 +53,9 @@ from sagas.store.sql import sagas_t, utcnow
 log = logging.getLogger("sagas.recovery")
 
 LIVE_STATES = (SagaState.PENDING, SagaState.RUNNING, SagaState.COMPENSATING)
+"""States with work that can stall (a WAITING saga waits for a key, not for a step)."""
 # Only a saga that has not passed its pivot can still be turned back by its deadline.
-DEADLINE_STATES = (SagaState.PENDING, SagaState.RUNNING)
+DEADLINE_STATES = (SagaState.PENDING, SagaState.WAITING, SagaState.RUNNING)
 
 
 BEAT_ENTRY = "sagas-recover-stalled"
@@ -147,6 +148,8 @@ def _still_stalled(binding: Binding, now: datetime, report: RecoveryReport) -> P
     """
 
     def check(conn: Connection, snap: SagaSnapshot) -> Ignored | None:
+        if snap.state is SagaState.PENDING:
+            return None  # recorded to start by now (a delayed start whose message was lost)
         due = stall_deadline(binding.settings, binding.find(snap.name, snap.version), snap)
         if due is None:
             return Ignored(IgnoreKind.PRECONDITION, "no work in flight any more")
@@ -176,7 +179,7 @@ def _really_stalled(
     found = {}
     for saga_id, snap in binding.store.read_outcomes(candidates).items():
         due = stall_deadline(binding.settings, binding.find(snap.name, snap.version), snap)
-        if due is not None and due < now:
+        if snap.state is SagaState.PENDING or (due is not None and due < now):
             found[saga_id] = snap
     return found
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,6 +22,8 @@ from sagas.coordinator import (
     Event,
     Ignored,
     IgnoreKind,
+    LockGranted,
+    LockWaiting,
     Redrive,
     RetryRequested,
     SagaSnapshot,
@@ -30,15 +33,16 @@ from sagas.coordinator import (
     decide,
     decide_success_alone,
 )
-from sagas.definition import Saga, Step
-from sagas.errors import SagaNotFoundError
+from sagas.definition import LockPolicy, Saga, Step
+from sagas.errors import OutageKind, SagaLockedError, SagaNotFoundError, outage_of
 from sagas.observe.listeners import notify, refused_event
 from sagas.runtime.binding import Binding
 from sagas.runtime.dispatch import TIME_LIMIT_HARD_MARGIN, publish
 from sagas.runtime.message import StepContext
 from sagas.runtime.revoke import revoke
 from sagas.settings import SagaSettings
-from sagas.states import SAGA_SETTLED, SagaState, StepState
+from sagas.states import SAGA_SETTLED, SAGA_TERMINAL, SagaState, StepState
+from sagas.store import locks, outages
 from sagas.store import sql as store_sql
 from sagas.store.sql import deadline_after, input_digest
 
@@ -125,20 +129,127 @@ def start_saga(
         steps={n: StepSnapshot(n) for n in definition.order},
         version=definition.version, fingerprint=definition.fingerprint,
     )
-    decision = decide(definition, snap, Started())
-    _moved(snap, decision)
     deadline_at = deadline_after(definition.deadline) if definition.deadline else None
-    recorded, new = binding.store.start(
-        snap, decision, idempotency_key=idempotency_key, digest=digest,
-        stall_deadline=stall_deadline(binding.settings, definition, snap),
-        deadline_at=deadline_at,
-    )
+    if definition.locks is not None:
+        recorded, new, decision, event = _start_locked(
+            binding, definition, snap, idempotency_key=idempotency_key, digest=digest,
+            deadline_at=deadline_at,
+        )
+    else:
+        event = Started()
+        decision = decide(definition, snap, event)
+        _moved(snap, decision)
+        recorded, new = binding.store.start(
+            snap, decision, idempotency_key=idempotency_key, digest=digest,
+            stall_deadline=stall_deadline(binding.settings, definition, snap),
+            deadline_at=deadline_at,
+        )
     if not new:
-        log.info("duplicate start of saga %s ignored", recorded)
+        if recorded == saga_id:
+            # The same id again: a redelivered start, or the message of a delayed start whose
+            # saga waits PENDING. Started changes nothing on a saga that already runs.
+            apply_event(binding, saga_id, Started())
+        else:
+            log.info("duplicate start of saga %s ignored", recorded)
         return recorded
-    notify(snap, decision, Started())
-    (binding.publisher or publish)(binding, definition, snap, decision.dispatches)
+    notify(snap, decision, event)
+    try:
+        (binding.publisher or publish)(binding, definition, snap, decision.dispatches)
+    except Exception as exc:
+        outage = outage_of(exc)
+        if outage is None or outage.kind is not OutageKind.BROKER:
+            raise
+        # The saga is recorded: it is not lost, only late. Its first steps are re-driven by
+        # recovery once the broker answers (one line per outage, not one per start).
+        outages.down("broker", exc,
+                     "the broker is unavailable: sagas are recorded and their first steps "
+                     "wait for recovery to publish them")
+    else:
+        outages.up("broker")
     return saga_id
+
+
+class _Duplicate(Exception):
+    """Inside a start's transaction: its id is taken; roll back what the start did."""
+
+
+def _start_locked(
+    binding: Binding, definition: Saga, snap: SagaSnapshot, *, idempotency_key: str | None,
+    digest: str | None, deadline_at: datetime | None,
+) -> tuple[str, bool, Decision, Event]:
+    """A start that takes its saga's semantic locks in the transaction that records it.
+
+    All keys free: it starts. A key held: ``wait`` records it WAITING behind that key (it
+    starts when the key frees, in arrival order); ``reject`` records nothing and raises
+    ``SagaLockedError`` naming the key and its holder.
+    """
+    store = binding.store
+    keys = definition.lock_keys(snap.input)
+    if idempotency_key is not None:
+        with store.read() as conn:  # a repeat by key is the first saga, not a lock conflict
+            existing = store.find_existing(conn, snap.id, idempotency_key, digest)
+        if existing is not None:
+            return existing, False, Decision(), Started()
+    try:
+        with store.begin() as conn:
+            blocked = locks.take(conn, snap.id, keys)
+            event: Event
+            if blocked is None:
+                event = Started()
+            elif definition.on_locked is LockPolicy.REJECT:
+                raise SagaLockedError(
+                    f"saga {definition.name!r} needs key {blocked.key!r}, held by saga "
+                    f"{blocked.holder}", key=blocked.key, holder=blocked.holder,
+                )
+            else:
+                event = LockWaiting(blocked.key, blocked.holder)
+                locks.wait_for(conn, blocked.key, snap.id)
+            decision = decide(definition, snap, event)
+            _moved(snap, decision)
+            if not store.insert_saga(
+                conn, snap, decision, cause=type(event).__name__,
+                idempotency_key=idempotency_key, digest=digest,
+                stall_deadline=stall_deadline(binding.settings, definition, snap),
+                deadline_at=deadline_at,
+            ):
+                raise _Duplicate()
+    except _Duplicate:
+        with store.read() as conn:
+            existing = store.find_existing(conn, snap.id, idempotency_key, digest)
+        return existing or snap.id, False, Decision(), Started()
+    return snap.id, True, decision, event
+
+
+def record_pending_start(
+    binding: Binding,
+    saga: Saga | str,
+    data: Any,
+    *,
+    saga_id: str,
+    idempotency_key: str | None = None,
+    version: int | None = None,
+    not_before: datetime,
+) -> str:
+    """Record a saga PENDING, to be started at ``not_before`` (a delayed start).
+
+    Its start message does it then; if that message is lost, the reconciler starts the saga
+    once its deadline (``not_before``) has passed. Returns the saga's id (the first one's,
+    for a duplicate).
+    """
+    definition = saga if isinstance(saga, Saga) else binding.saga(saga, version)
+    payload = definition.validate_input(data)
+    digest = input_digest(payload) if idempotency_key is not None else None
+    snap = SagaSnapshot(
+        id=saga_id, name=definition.name, state=SagaState.PENDING, input=payload,
+        steps={n: StepSnapshot(n) for n in definition.order},
+        version=definition.version, fingerprint=definition.fingerprint,
+    )
+    deadline_at = deadline_after(definition.deadline) if definition.deadline else None
+    recorded, _ = binding.store.start(
+        snap, Decision(), idempotency_key=idempotency_key, digest=digest,
+        stall_deadline=not_before, deadline_at=deadline_at, cause="Recorded",
+    )
+    return recorded
 
 
 def record_success(
@@ -184,6 +295,7 @@ def apply_event(
     """
     store = binding.store
     touch = False
+    granted: Granted = []
     with store.begin() as conn:
         snap = store.load(conn, saga_id)
         if snap is None:
@@ -200,6 +312,10 @@ def apply_event(
         if refused is not None:
             decision = Decision(ignored=refused)
         else:
+            if definition.locks is not None and snap.state is SagaState.PENDING and isinstance(
+                event, Started | Redrive | RetryRequested
+            ):
+                event = _take_locks_to_start(conn, definition, snap, event)
             decision = decide(definition, snap, event)
         started_at = None
         if decision.changed:
@@ -212,12 +328,89 @@ def apply_event(
                 stall_deadline=stall_deadline(binding.settings, definition, snap),
                 touch=touch,
             )
+            if definition.locks is not None and decision.saga_changed \
+                    and snap.state in SAGA_TERMINAL:
+                # Its keys go to the sagas waiting for them, in this same transaction.
+                granted = _release(binding, conn, snap.id)
     if decision.ignored:
         log.info("saga %s: %s ignored: %s", saga_id, type(event).__name__, decision.ignored)
     notify(snap, decision, event, started_at)  # listeners, after the commit
     revoke(binding, snap, decision.revokes)  # before the compensations it may overtake
     (binding.publisher or publish)(binding, definition, snap, decision.dispatches)
+    for waiter_definition, waiter, waiter_decision, waiter_event in granted:
+        notify(waiter, waiter_decision, waiter_event)
+        (binding.publisher or publish)(binding, waiter_definition, waiter,
+                                       waiter_decision.dispatches)
     return decision
+
+
+Granted = list[tuple[Saga, SagaSnapshot, Decision, Event]]
+
+
+def _take_locks_to_start(
+    conn: Connection, definition: Saga, snap: SagaSnapshot, event: Event
+) -> Event:
+    """A PENDING saga with semantic locks about to start (a delayed start): its keys first.
+
+    Held, it waits (``wait``) or is refused: with nobody to raise to, a ``reject`` saga is
+    cancelled, naming the key and its holder.
+    """
+    blocked = locks.take(conn, snap.id, definition.lock_keys(snap.input))
+    if blocked is None:
+        return Started()
+    if definition.on_locked is LockPolicy.REJECT:
+        return CancelRequested(
+            f"refused: key {blocked.key!r} is held by saga {blocked.holder}"
+        )
+    locks.wait_for(conn, blocked.key, snap.id)
+    return LockWaiting(blocked.key, blocked.holder)
+
+
+def _release(binding: Binding, conn: Connection, saga_id: str) -> Granted:
+    """A settled saga gives its keys up, each to the saga that waited longest for it, in the
+    same transaction; a waiter given its last key starts (published after the commit)."""
+    granted: Granted = []
+    for key in locks.release(conn, saga_id):
+        while (waiter_id := locks.first_waiter(conn, key)) is not None:
+            grant = _grant(binding, conn, key, waiter_id)
+            if grant.taken:
+                if grant.started is not None:
+                    granted.append(grant.started)
+                break  # the key went to this waiter
+    return granted
+
+
+@dataclass(frozen=True)
+class _Grant:
+    """What giving a key to a waiter did: it took it (and started, or now waits for a later
+    key), or it had stopped waiting (settled meanwhile), and the key goes to the next one."""
+
+    taken: bool
+    started: tuple[Saga, SagaSnapshot, Decision, Event] | None = None
+
+
+def _grant(binding: Binding, conn: Connection, key: str, waiter_id: str) -> _Grant:
+    store = binding.store
+    waiter = store.load(conn, waiter_id)
+    definition = None if waiter is None else binding.find(waiter.name, waiter.version)
+    if waiter is None or definition is None or waiter.state is not SagaState.WAITING:
+        return _Grant(taken=False)
+    keys = definition.lock_keys(waiter.input)
+    blocked = locks.take(conn, waiter_id, keys)
+    event: Event
+    if blocked is None:
+        event = LockGranted(key)
+    else:
+        locks.wait_for(conn, blocked.key, waiter_id)
+        event = LockWaiting(blocked.key, blocked.holder)
+    decision = decide(definition, waiter, event)
+    _moved(waiter, decision)
+    store.append(
+        conn, waiter, decision, cause=type(event).__name__, subject=None,
+        stall_deadline=stall_deadline(binding.settings, definition, waiter),
+    )
+    return _Grant(taken=True, started=(definition, waiter, decision, event)
+                  if blocked is None else None)
 
 
 _warned: set[tuple[str, int, str]] = set()

@@ -31,7 +31,7 @@ from sagas.states import SagaState, StepState, can_transition_step
 
 OPERATOR_RETRY = RetryRequested.__name__
 """The cause of an operator's retry (it grants a parked step a fresh forward budget)."""
-GRAPH_CAUSES = frozenset({"Started", "Migrated"})
+GRAPH_CAUSES = frozenset({"Started", "Recorded", "Migrated"})
 """Causes of a saga's first log row, which names the instance's steps in its ``result``."""
 
 _ACTION_COUNTED = frozenset({StepState.RUNNING, StepState.SUCCEEDED, StepState.FAILED})

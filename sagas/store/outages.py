@@ -19,26 +19,37 @@ _down: dict[str, float] = {}  # store URL -> when this process first saw it down
 _lock = threading.Lock()
 
 
-def down(store: Any, exc: BaseException) -> None:
-    key = str(getattr(store, "url", store))
+def down(what: Any, exc: BaseException, consequence: str | None = None) -> None:
+    """``what`` (a store, or a name) cannot be reached: say so once per outage."""
+    key = _key(what)
     with _lock:
         if key in _down:
             return
         _down[key] = time.monotonic()
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    log.warning("saga store unavailable (%s): transitions are held and retried until it "
-                "answers", detail[0] if detail else type(exc).__name__)
+    reason = detail[0] if detail else type(exc).__name__
+    if consequence is None:
+        log.warning("saga store unavailable (%s): transitions are held and retried until it "
+                    "answers", reason)
+    else:
+        log.warning("%s (%s)", consequence, reason)
 
 
-def up(store: Any) -> None:
+def up(what: Any) -> None:
+    """``what`` answered: say so once, if it was down."""
     if not _down:
         return
-    key = str(getattr(store, "url", store))
+    key = _key(what)
     with _lock:
         since = _down.pop(key, None)
     if since is not None:
-        log.info("saga store reachable again after %.1fs", time.monotonic() - since)
+        name = "saga store" if hasattr(what, "url") else str(what).split(" ", 1)[0]
+        log.info("%s reachable again after %.1fs", name, time.monotonic() - since)
 
 
-def is_down(store: Any) -> bool:
-    return str(getattr(store, "url", store)) in _down
+def is_down(what: Any) -> bool:
+    return _key(what) in _down
+
+
+def _key(what: Any) -> str:
+    return str(getattr(what, "url", what))

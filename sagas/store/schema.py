@@ -123,3 +123,26 @@ class RelayCursor(Base):
     owner: Mapped[str | None] = mapped_column(String(100))
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LockRow(Base):
+    """A semantic lock: the saga that holds a key (``Saga(locks=...)``), until it settles."""
+
+    __tablename__ = "saga_locks"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    saga_id: Mapped[str] = mapped_column(String(64), index=True)
+    taken_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=db_now())
+
+
+class LockWaitRow(Base):
+    """A saga waiting for one key, in arrival order (``seq``) behind that key's holder."""
+
+    __tablename__ = "saga_lock_waits"
+
+    seq: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(200))
+    saga_id: Mapped[str] = mapped_column(String(64), index=True)
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=db_now())
+
+    __table_args__ = (Index("ix_saga_lock_waits_key_seq", "key", "seq"),)

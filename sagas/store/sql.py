@@ -52,8 +52,8 @@ from sqlalchemy.sql import ClauseElement
 from sagas.coordinator import Decision, SagaSnapshot
 from sagas.errors import IdempotencyConflictError, SagaNotFoundError, StoreUnavailableError
 from sagas.states import SAGA_SETTLED, SagaState, StepState
+from sagas.store import locks, outages
 from sagas.store import log as saga_log
-from sagas.store import outages
 from sagas.store.connect import READ_ONLY, get_engine, input_digest, utcnow, writer_lock
 from sagas.store.log import LogEntry, dedupe_key, encode_decision, entry_of
 from sagas.store.prepared import PreparedSet, count
@@ -335,6 +335,7 @@ class Store:
         digest: str | None,
         stall_deadline: datetime | None,
         deadline_at: datetime | None,
+        cause: str = "Started",
     ) -> tuple[str, bool]:
         """Record a new saga and its first decision: (the saga's id, whether it is new).
 
@@ -343,13 +344,8 @@ class Store:
         payload). The start row names the instance's steps: its graph, whatever is deployed
         later.
         """
-        saga = {
-            "id": snap.id, "name": snap.name, "state": str(snap.state), "input": snap.input,
-            "idempotency_key": idempotency_key, "input_digest": digest, "error": snap.error,
-            "stall_deadline": stall_deadline, "deadline_at": deadline_at, "version": 1,
-            "definition_version": snap.version, "definition_fingerprint": snap.fingerprint,
-        }
-        entry = self._log_params(snap, decision, "Started", None, {"steps": list(snap.steps)})
+        saga = _saga_params(snap, idempotency_key, digest, stall_deadline, deadline_at)
+        entry = self._log_params(snap, decision, cause, None, {"steps": list(snap.steps)})
         if self.dialect == "postgresql":
             params = {**{f"s_{k}": v for k, v in saga.items()}, **entry}
             inserted = self.single("start_pg", params)
@@ -365,6 +361,19 @@ class Store:
         if existing is None:  # pragma: no cover - a conflict names one of the two keys
             raise IdempotencyConflictError(f"saga {snap.id} could not be recorded")
         return existing, False
+
+    def insert_saga(
+        self, conn: Connection, snap: SagaSnapshot, decision: Decision, *, cause: str,
+        idempotency_key: str | None, digest: str | None, stall_deadline: datetime | None,
+        deadline_at: datetime | None,
+    ) -> bool:
+        """In the caller's transaction (a start that takes semantic locks): the saga row and
+        its first log row; False, writing nothing, when its id or key is taken."""
+        saga = _saga_params(snap, idempotency_key, digest, stall_deadline, deadline_at)
+        if not count(conn, HOT.get(conn, "insert_saga"), saga):
+            return False
+        self._append(conn, snap, decision, cause, None, {"steps": list(snap.steps)})
+        return True
 
     def find_existing(
         self, conn: Connection, saga_id: str, idempotency_key: str | None, digest: str | None
@@ -537,6 +546,7 @@ class Store:
             if saga is None:
                 raise SagaNotFoundError(f"no saga with id {saga_id!r}")
             entries = self.log_of(conn, saga_id)
+            held = locks.keys_of(conn, [saga_id]).get(saga_id, {"holds": [], "waits": []})
         snap = saga_log.replay(
             saga_log.saga_from_row(saga.id, saga.name, saga.state, saga.input, saga.error,
                                    saga.definition_version, saga.definition_fingerprint),
@@ -563,6 +573,7 @@ class Store:
             "updated_at": _iso(saga.updated_at),
             "stall_deadline": _iso(saga.stall_deadline),
             "context": {"input": saga.input, "results": snap.results()},
+            "locks": held,
             "steps": [
                 {
                     "name": n, "state": str(snap.steps[n].state),
@@ -691,8 +702,9 @@ class Store:
     def versions_in_use(self) -> list[dict[str, Any]]:
         """Per saga name, version and fingerprint: instances in flight (live or parked) and all."""
         live = sagas_t.c.state.in_(
-            [str(SagaState.PENDING), str(SagaState.RUNNING), str(SagaState.COMPENSATING),
-             str(SagaState.COMPENSATION_FAILED), str(SagaState.FORWARD_FAILED)]
+            [str(SagaState.PENDING), str(SagaState.WAITING), str(SagaState.RUNNING),
+             str(SagaState.COMPENSATING), str(SagaState.COMPENSATION_FAILED),
+             str(SagaState.FORWARD_FAILED)]
         )
         query = (
             select(sagas_t.c.name, sagas_t.c.definition_version, sagas_t.c.definition_fingerprint,
@@ -717,6 +729,18 @@ class Store:
                 select(sagas_t.c.state, func.count()).group_by(sagas_t.c.state)
             ).all()
         return {r[0]: int(r[1]) for r in rows}
+
+
+def _saga_params(
+    snap: SagaSnapshot, idempotency_key: str | None, digest: str | None,
+    stall_deadline: datetime | None, deadline_at: datetime | None,
+) -> dict[str, Any]:
+    return {
+        "id": snap.id, "name": snap.name, "state": str(snap.state), "input": snap.input,
+        "idempotency_key": idempotency_key, "input_digest": digest, "error": snap.error,
+        "stall_deadline": stall_deadline, "deadline_at": deadline_at, "version": 1,
+        "definition_version": snap.version, "definition_fingerprint": snap.fingerprint,
+    }
 
 
 def _iso(value: datetime | None) -> str | None:

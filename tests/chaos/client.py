@@ -3,6 +3,7 @@
 ``python -m tests.chaos.client start t_crashy '{"plan": {}}' [--id X] [--key K]``
 ``python -m tests.chaos.client many t_two_pools '{}' 200`` (one kind, one input, N times)
 ``python -m tests.chaos.client orders 200 --over 0.3 --duration 20 --seed 1``
+``python -m tests.chaos.client delay 40`` (``start_order_saga.delay(order)``, as a web app does)
 ``python -m tests.chaos.client --patience 60 orders ...`` keeps retrying a database that is down
 for up to 60 s (default 4).
 
@@ -99,6 +100,18 @@ def cmd_orders(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(time.monotonic() - started, 2), "ids": ids}
 
 
+def cmd_delay(args: argparse.Namespace) -> dict[str, Any]:
+    """Orders started as a web app would: ``start_order_saga.delay(order)``, ids as returned."""
+    from tasks.order_saga import start_order_saga
+
+    rng = random.Random(args.seed)
+    ids = []
+    for i in range(args.count):
+        result = start_order_saga.delay(order(rng, i, rng.random() < args.over))
+        ids.append(result.id)
+    return {"submitted": len(ids), "ids": ids}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tests.chaos.client")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -117,12 +130,16 @@ def main(argv: list[str]) -> int:
     o.add_argument("--duration", type=float, default=0.0, help="spread the starts over this (s)")
     o.add_argument("--seed", type=int, default=1)
     o.add_argument("--prefix", default="chaos")
+    d = sub.add_parser("delay")
+    d.add_argument("count", type=int)
+    d.add_argument("--over", type=float, default=0.3, help="share of amounts over the limit")
+    d.add_argument("--seed", type=int, default=1)
     parser.add_argument("--patience", type=float, default=PATIENCE,
                         help="seconds a start retries an unreachable database (before the "
                         "command: client --patience 60 orders ...)")
     args = parser.parse_args(argv)
     config.app.loader.import_default_modules()  # every saga a worker knows
-    commands = {"start": cmd_start, "many": cmd_many, "orders": cmd_orders}
+    commands = {"start": cmd_start, "many": cmd_many, "orders": cmd_orders, "delay": cmd_delay}
     result = commands[args.cmd](args)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0

@@ -1,6 +1,9 @@
 """A private deployment for the recovery, delivery and chaos tests: its own Redis, database,
 worker processes and beat, driven only through processes and SQL, never through this process's
-Celery app (which stays on the session's Redis for the other tests).
+Celery app (which stays on the session's broker for the other tests).
+
+The broker is its Redis, or with ``broker="rabbitmq"`` (default: ``SAGAS_TEST_BROKER``) a
+RabbitMQ vhost of its own; the result backend is its Redis either way.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from sqlalchemy import select
 
 from sagas.store.log import entry_of
 from sagas.store.sql import Store, log_t, sagas_t
-from tests.support.services import RedisServer, start_redis
+from tests.support.services import (
+    RabbitVhost,
+    RedisServer,
+    broker_kind,
+    create_vhost,
+    start_redis,
+)
 from tests.support.workers import ROOT, WorkerProcess
 
 CRASH_IMPORTS = "tests.support.test_sagas,tests.chaos.crash_sagas"
@@ -30,15 +39,19 @@ SAGAS_CLI = "import sys; from sagas.ops.cli import main; sys.argv[0] = 'sagas'; 
 
 class Cluster:
     def __init__(self, root: Path, database_url: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, broker: str | None = None) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self.broker = broker or broker_kind()
         self.redis: RedisServer = start_redis()
+        self.vhost: RabbitVhost | None = (
+            create_vhost("cluster") if self.broker == "rabbitmq" else None)
         self.database_url = database_url or f"sqlite:///{root}/sagas.db"
         self.env = dict(os.environ)
         self.env.update(
-            REDIS_URL=self.redis.url, DATABASE_URL=self.database_url,
-            SAGAS_IMPORTS=CRASH_IMPORTS, CRASHY_DIR=str(root / "crashy"),
+            REDIS_URL=self.redis.url, BROKER_URL=self.broker_url,
+            DATABASE_URL=self.database_url,
+            SAGAS_APP="config", SAGAS_IMPORTS=CRASH_IMPORTS, CRASHY_DIR=str(root / "crashy"),
             PYTHONPATH=str(ROOT), RECOVERY_INTERVAL="1", STEP_TIMEOUT="3",
             CI=os.environ.get("CI", ""),
         )
@@ -130,11 +143,30 @@ class Cluster:
             start_new_session=True,
         )
 
-    def restart_redis(self) -> None:
-        """Redis restarted empty: every queued and unacked message is gone."""
+    @property
+    def broker_url(self) -> str:
+        return self.vhost.url if self.vhost is not None else self.redis.url
+
+    def restart_broker(self) -> None:
+        """The broker loses every message: Redis restarted empty (every queued and unacked
+        message gone). RabbitMQ keeps durable queues across a restart, so there the fault is
+        harsher than a restart (``RabbitVhost.lose_everything``): clients locked out, every
+        connection closed, the task queues purged, clients let back in; the result backend's
+        Redis is restarted empty too."""
         port = self.redis.port
         self.redis.stop(kill=True)
         self.redis = start_redis(port)
+        if self.vhost is not None:
+            queues = {q for w in list(self.workers.values()) for q in w.queues.split(",")}
+            self.vhost.lose_everything(*sorted(queues))
+
+    def queue_depth(self, queue: str) -> int:
+        """Messages waiting in ``queue`` on this deployment's broker."""
+        if self.vhost is not None:
+            return self.vhost.depth(queue)
+        import redis
+
+        return int(redis.Redis.from_url(self.redis.url).llen(queue))
 
     def stop(self) -> None:
         for worker in self.workers.values():
@@ -143,6 +175,8 @@ class Cluster:
             os.killpg(self.beat.pid, signal.SIGKILL)
             self.beat.wait(10)
         self.redis.stop(kill=True)
+        if self.vhost is not None:
+            self.vhost.delete()
         from sagas.store.connect import _engines
 
         for key in [k for k in _engines if k[1] == self.database_url]:

@@ -277,7 +277,7 @@ class Hosts:
             app = Celery("sagas-hosts-probe", broker=self.env["REDIS_URL"])
             self._probe = Sagas(app, SagaSettings(
                 database_url=self.env["DATABASE_URL"], redis_url=self.env["REDIS_URL"],
-                sagas_listeners="", sagas_outbox=False,
+                sagas_listeners="",
             ))
         return self._probe
 

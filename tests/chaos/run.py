@@ -1,14 +1,19 @@
-"""The chaos scenario: order sagas through crashing workers, a Redis that loses everything once,
-and faults in every participant; then every saga must be terminal and the ledgers must balance.
+"""The chaos scenario: order sagas through crashing workers, a broker that loses everything
+once, and faults in every participant; then every saga must be terminal and the ledgers must
+balance.
 
 A private deployment (tests/chaos/cluster.py): one worker process per queue (inventory, payment,
 shipping, saga; prefork, 2 pool processes each), ``celery beat`` running the reconciler, its own
-redis-server and database. A client process starts N order sagas (30% over the payment limit)
-spread over the kill window. Every KILL_EVERY seconds during that window a random worker
-process is SIGKILLed: either a whole worker (main process and pool, as a crashed container; it
-is restarted at once) or one pool process (Celery replaces it and re-sends its task). Halfway
-through, Redis is killed and started again empty. FAULT_RATE makes every participant step and
-compensation raise transient faults, some of them after the effect committed.
+redis-server and database, and as broker that Redis or (``--broker rabbitmq``, or
+``SAGAS_TEST_BROKER=rabbitmq``) a RabbitMQ vhost of its own. A client process starts N order
+sagas (30% over the payment limit) spread over the kill window. Every KILL_EVERY seconds during
+that window a random worker process is SIGKILLed: either a whole worker (main process and pool,
+as a crashed container; it is restarted at once) or one pool process (Celery replaces it and
+re-sends its task). Halfway through, the broker loses everything: Redis is killed and started
+again empty; on RabbitMQ clients are locked out, the server closes every connection, the queues
+are purged and clients are let back in, and the result backend's Redis is restarted empty.
+FAULT_RATE makes every participant step and compensation raise transient faults, some of them
+after the effect committed.
 
 ``python -m tests.chaos.run`` (``make chaos``: 1000 sagas, 60 s of kills) prints the summary;
 ``tests/chaos/test_chaos.py`` runs a smaller one in the test suite.
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.chaos.cluster import Cluster
+from tests.support.services import BROKERS, broker_kind
 
 TERMINAL = {"COMPLETED", "COMPENSATED"}
 QUEUES = ("inventory", "payment", "shipping", "saga")
@@ -53,6 +59,7 @@ class ChaosConfig:
     concurrency: int = 2
     seed: int = int(os.environ.get("CHAOS_SEED", "7"))
     database_url: str | None = os.environ.get("CHAOS_DATABASE_URL") or None
+    broker: str = field(default_factory=broker_kind)
 
     @property
     def settle_bound(self) -> float:
@@ -71,7 +78,8 @@ class ChaosResult:
     not_terminal: int = 0
     worker_kills: int = 0
     pool_kills: int = 0
-    redis_restarts: int = 0
+    broker: str = "redis"
+    broker_restarts: int = 0
     publish_errors: int = 0
     redriven_sagas: int = 0
     redrives: int = 0
@@ -96,7 +104,7 @@ class ChaosResult:
             f"  not terminal                 {self.not_terminal}",
             f"  workers killed whole         {self.worker_kills}",
             f"  pool processes killed        {self.pool_kills}",
-            f"  redis restarted empty        {self.redis_restarts}",
+            f"  broker lost everything       {self.broker_restarts} ({self.broker})",
             f"  starts whose publish failed  {self.publish_errors}",
             f"  sagas re-driven by recovery  {self.redriven_sagas} ({self.redrives} steps)",
             f"  duplicate deliveries absorbed {self.redeliveries} (step deliveries beyond the"
@@ -114,27 +122,32 @@ class ChaosResult:
 def _kill_loop(cluster: Cluster, cfg: ChaosConfig, result: ChaosResult, rng: random.Random,
                stop: threading.Event) -> None:
     began = time.monotonic()
-    redis_done = False
-    while not stop.wait(cfg.kill_every):
-        elapsed = time.monotonic() - began
-        if elapsed > cfg.kill_for:
-            return
-        if not redis_done and elapsed >= cfg.kill_for / 2:
-            cluster.restart_redis()
-            result.redis_restarts += 1
-            redis_done = True
-            continue
-        name = rng.choice(QUEUES)
-        children = cluster.pool_children(name)
-        if children and rng.random() < 0.5:
-            try:
-                os.kill(rng.choice(children), signal.SIGKILL)
-                result.pool_kills += 1
-            except ProcessLookupError:
-                pass
-        else:
-            cluster.restart_worker(name, wait=False)  # SIGKILL the group, start a new one
-            result.worker_kills += 1
+    broker_fault: threading.Thread | None = None
+    try:
+        while not stop.wait(cfg.kill_every):
+            elapsed = time.monotonic() - began
+            if elapsed > cfg.kill_for:
+                return
+            if broker_fault is None and elapsed >= cfg.kill_for / 2:
+                # Beside the kills, not instead of them: RabbitMQ's fault takes seconds.
+                broker_fault = threading.Thread(target=cluster.restart_broker, daemon=True)
+                broker_fault.start()
+                result.broker_restarts += 1
+                continue
+            name = rng.choice(QUEUES)
+            children = cluster.pool_children(name)
+            if children and rng.random() < 0.5:
+                try:
+                    os.kill(rng.choice(children), signal.SIGKILL)
+                    result.pool_kills += 1
+                except ProcessLookupError:
+                    pass
+            else:
+                cluster.restart_worker(name, wait=False)  # SIGKILL the group, start a new one
+                result.worker_kills += 1
+    finally:
+        if broker_fault is not None:
+            broker_fault.join(120)
 
 
 _STEP_TASK = r"Task (?:inventory|payment|shipping)\.\w+\[(\S+?)\.(\w+)\.(do|undo)\.\d+\] "
@@ -157,8 +170,8 @@ def run_chaos(cfg: ChaosConfig, root: Path) -> ChaosResult:
         "RECOVERY_GRACE": str(RECOVERY_GRACE),
         "STARTING_STOCK": json.dumps({"laptop": 100_000, "phone": 100_000, "book": 100_000}),
         "SAGAS_IMPORTS": "",
-    })
-    result = ChaosResult(log_dir=str(root), settle_bound_s=cfg.settle_bound)
+    }, broker=cfg.broker)
+    result = ChaosResult(log_dir=str(root), settle_bound_s=cfg.settle_bound, broker=cfg.broker)
     try:
         cluster.migrate()
         cluster.start_workers({q: (q, cfg.concurrency) for q in QUEUES})
@@ -221,11 +234,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kill-seconds", type=float, default=60.0)
     parser.add_argument("--fault-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--broker", choices=BROKERS, default=broker_kind(),
+                        help="redis (its own redis-server) or rabbitmq (a vhost of its own on "
+                        "SAGAS_TEST_AMQP_URL, made with rabbitmqctl); default SAGAS_TEST_BROKER")
     parser.add_argument("--database-url", default=os.environ.get("CHAOS_DATABASE_URL"),
                         help="default: a fresh SQLite file")
     args = parser.parse_args(argv)
     cfg = ChaosConfig(sagas=args.sagas, kill_for=args.kill_seconds, fault_rate=args.fault_rate,
-                      seed=args.seed, database_url=args.database_url)
+                      seed=args.seed, database_url=args.database_url, broker=args.broker)
     root = Path(tempfile.mkdtemp(prefix="sagas-chaos-"))
     result = run_chaos(cfg, root)
     print(result.summary())

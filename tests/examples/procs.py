@@ -2,7 +2,8 @@
 
 Kept here rather than in ``tests/support`` so these tests depend on nothing of the sample app:
 every subprocess gets an environment built from scratch (``clean_env``), never the sample's
-``SAGAS_APP`` / ``DATABASE_URL`` / ``REDIS_URL`` that ``tests/conftest.py`` exports.
+``SAGAS_APP`` / ``DATABASE_URL`` / ``REDIS_URL`` / ``BROKER_URL`` that ``tests/conftest.py``
+exports.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from sagas.devtools.localredis import free_port, start_redis_server
 
-SAMPLE_ENV = ("SAGAS_APP", "SAGAS_IMPORTS", "DATABASE_URL", "REDIS_URL", "PYTHONPATH",
-              "VIRTUAL_ENV", "PYTHONHOME", "SAGAS_LISTENERS")
+SAMPLE_ENV = ("SAGAS_APP", "SAGAS_IMPORTS", "DATABASE_URL", "REDIS_URL", "BROKER_URL",
+              "PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "SAGAS_LISTENERS")
 
 
 def clean_env(**extra: str) -> dict[str, str]:

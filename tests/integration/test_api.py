@@ -23,9 +23,9 @@ from fastapi.testclient import TestClient
 from config import engine
 from config.settings import Settings
 from config.web import create_app
-from tests.conftest import Backend, wait_for_saga
+from tests.conftest import Backend, broker_down, wait_for_saga
 from tests.support import test_sagas as ts
-from tests.support.engine import get_store, start_saga
+from tests.support.engine import get_store, make_stale, recover_stalled, start_saga
 from tests.support.services import free_port
 
 pytestmark = [
@@ -424,26 +424,35 @@ def test_with_the_database_unreachable_every_route_answers_503_not_500(
     assert "Exception in ASGI application" not in logged and "Traceback" not in logged
 
 
-def test_with_the_broker_unreachable_an_order_is_503_and_not_kept(
+def test_with_the_broker_unreachable_an_order_is_recorded_and_runs_once_it_is_back(
     client: TestClient, engine_backend: Backend, tmp_path: Path
 ):
-    env = {**engine_backend.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"}
+    """The start is durable: a broker outage delays an order, it never loses or refuses it."""
+    env = {**engine_backend.env, **broker_down(closed_port())}
     body = an_order()
     with uvicorn_app(env, tmp_path / "uvicorn.log") as base:
-        response = httpx.post(f"{base}/orders", json=body, timeout=30)
-        assert response.status_code == 503, response.text
-        assert response.json() == {"detail": "broker unavailable, try again later"}
+        accepted = [httpx.post(f"{base}/orders", json=body, timeout=30) for _ in range(2)]
+        assert [r.status_code for r in accepted] == [202, 202], accepted[-1].text
+        # Recorded: the first with its first step waiting for the broker, the second (the
+        # same customer and item: the order's semantic locks) queued behind it.
+        assert [r.json()["status"] for r in accepted] == ["RUNNING", "WAITING"]
         health = httpx.get(f"{base}/healthz", timeout=30)
         assert health.status_code == 503
         assert health.json()["broker"].startswith("unavailable")
         assert health.json()["database"] == "ok"
-        assert httpx.get(f"{base}/sagas", timeout=20).status_code == 200, "reads still work"
     logged = (tmp_path / "uvicorn.log").read_text()
     assert "Exception in ASGI application" not in logged and "Traceback" not in logged
-    warnings = [line for line in logged.splitlines() if "broker unavailable" in line]
-    assert warnings, logged
+    said = [line for line in logged.splitlines() if "the broker is unavailable" in line]
+    assert len(said) == 1, f"one line per outage, not one per order:\n{logged}"
+    orders = [r.json()["id"] for r in accepted]
     assert client.get("/orders", params={"customer_id": body["customer_id"]}).json()[
-        "total"] == 0
+        "total"] == 2
+    # Nothing of it was published: recovery re-drives the first step once its deadline passed.
+    for order_id in orders:
+        make_stale(order_id)
+    recover_stalled()
+    for order_id in orders:
+        assert wait_for_saga(order_id)["state"] == "COMPLETED"
 
 
 def test_the_root_points_to_the_dashboard_and_the_docs_which_work_offline(client: TestClient):
@@ -471,3 +480,30 @@ def test_the_sagas_list_filters_by_definition_version(client: TestClient):
     assert client.get("/dashboard/api/sagas", params={"version": 2, "q": saga_id}).json()[
         "sagas"] == []
     assert client.get(f"/sagas/{saga_id}").json()["version"] == 1
+
+
+def test_with_reject_a_second_order_of_a_busy_customer_is_409_naming_the_key_and_holder(
+    engine_backend: Backend, tmp_path: Path
+):
+    # No broker: the first order's saga stays RUNNING (recorded, its first step not yet sent),
+    # holding its customer's key for as long as this test needs.
+    env = {**engine_backend.env, "REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0",
+           "ORDER_LOCK_POLICY": "reject", "ORDER_LOCKS": "customer"}
+    body = an_order()
+    with uvicorn_app(env, tmp_path / "uvicorn.log") as base:
+        first = httpx.post(f"{base}/orders", json=body, timeout=30)
+        assert first.status_code == 202 and first.json()["status"] == "RUNNING", first.text
+        second = httpx.post(f"{base}/orders", json={**body, "item": "phone"}, timeout=30)
+        assert second.status_code == 409, second.text
+        assert second.json()["key"] == f"customer:{body['customer_id']}"
+        assert second.json()["holder"] == first.json()["id"]
+        assert f"held by saga {first.json()['id']}" in second.json()["detail"]
+        listed = httpx.get(f"{base}/orders", params={"customer_id": body["customer_id"]},
+                           timeout=30).json()
+        assert [o["id"] for o in listed["items"]] == [first.json()["id"]], "the refused one "
+        "is not kept"
+        held = httpx.get(f"{base}/locks", params={"key": second.json()["key"]}, timeout=30)
+        assert held.status_code == 200
+        assert [(r["key"], r["holder"]) for r in held.json()] == [
+            (second.json()["key"], first.json()["id"])]
+    engine.cancel(first.json()["id"])  # give the key back (nothing of the saga ran)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from sagas import SagaNotFoundError, SagaState, SagaTimeoutError, StepState
+from tests.conftest import ON_RABBITMQ, private_broker
 from tests.support.services import RedisServer
 from tests.support.workers import ROOT, WorkerProcess
 
@@ -26,6 +27,8 @@ def twins(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("twins")
     env = {"TWIN_REDIS": redis_server.url, "ALPHA_DB": f"sqlite:///{root}/alpha.db",
            "BETA_DB": f"sqlite:///{root}/beta.db"}
+    if ON_RABBITMQ:  # a vhost each: on Redis, databases 1 and 2
+        env["TWIN_BROKERS"] = ",".join(private_broker(n, 0) for n in ("alpha", "beta"))
     os.environ.update(env)  # read when the module binds its engines, at import
     from tests.support import two_apps
 
@@ -33,6 +36,7 @@ def twins(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     two_apps.beta.upgrade_schema()
     worker_env = dict(os.environ, **env, PYTHONPATH=str(ROOT))
     worker_env.pop("SAGAS_IMPORTS", None)
+    worker_env.pop("BROKER_URL", None)  # `celery` would take it over each app's own broker
     workers = [
         WorkerProcess(worker_env, queues="twin,saga", concurrency=2, name=name, log_dir=root,
                       app=f"tests.support.two_apps:{name}_app").start()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Backend, wait_for_saga
+from tests.conftest import Backend, broker_down, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.engine import get_store, start_saga
 from tests.support.services import free_port
@@ -60,10 +60,8 @@ def running_with_a_done(saga_id: str) -> bool:
 
 
 def closed_port_url(kind: str) -> str:
-    port = free_port()
-    if kind == "redis":
-        return f"redis://127.0.0.1:{port}/0"
-    return f"postgresql+psycopg://sagas@127.0.0.1:{port}/sagas"
+    assert kind == "postgresql"
+    return f"postgresql+psycopg://sagas@127.0.0.1:{free_port()}/sagas"
 
 
 def test_db_upgrade_makes_a_fresh_database_ready_to_list(tmp_path: Path, redis_server: Any):
@@ -79,6 +77,7 @@ def test_db_upgrade_makes_a_fresh_database_ready_to_list(tmp_path: Path, redis_s
     inspector = sqlalchemy.inspect(sqlalchemy.create_engine(env["DATABASE_URL"]))
     tables = set(inspector.get_table_names())
     assert tables == {"saga_instances", "saga_log", "saga_relay_cursor", "saga_dead_letters",
+                      "saga_locks", "saga_lock_waits",
                       "sagas_alembic_version"}, "only the engine's tables, none of the sample's"
     listed = sagas(env, "list", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -207,13 +206,13 @@ def test_retry_runs_a_failed_compensation_again(engine_backend: Backend):
     assert wait_for_saga(saga_id)["state"] == "COMPENSATION_FAILED", "it fails again: parked"
 
 
-def test_with_redis_unreachable_retry_says_so_in_one_line_and_a_later_retry_goes_through(
+def test_with_the_broker_unreachable_retry_says_so_in_one_line_and_a_later_retry_goes_through(
     engine_backend: Backend,
 ):
     saga_id = start_saga(ts.linear, {"plan": {"a": {"undo_fail": True}, "b": {"fail": True}}})
     assert wait_for_saga(saga_id)["state"] == "COMPENSATION_FAILED"
     calls = undo_calls(saga_id)
-    env = {**engine_backend.env, "REDIS_URL": closed_port_url("redis")}
+    env = {**engine_backend.env, **broker_down(free_port())}
     assert_one_line_error(sagas(env, "retry", saga_id), "broker unavailable")
     # The retry was recorded; only the compensation's message was lost with the broker.
     assert get_store().get_view(saga_id)["state"] == "COMPENSATING"

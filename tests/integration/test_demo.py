@@ -27,7 +27,7 @@ def _demo_children(pid: int) -> list[str]:
 
 def test_ctrl_c_in_the_middle_of_the_demo_stops_every_worker_within_3_seconds(tmp_path: Path):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("REDIS_URL", "DATABASE_URL", "SAGAS_APP", "SAGAS_IMPORTS")}
+           if k not in ("REDIS_URL", "BROKER_URL", "DATABASE_URL", "SAGAS_APP", "SAGAS_IMPORTS")}
     env.update(DATABASE_URL=f"sqlite:///{tmp_path}/demo.db", PYTHONPATH=str(ROOT))
     log = tmp_path / "demo.out"
     with open(log, "wb") as out:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from sagas.observe import metrics
 from sagas.ops import dashboard
@@ -103,12 +102,11 @@ def test_a_pool_down_keeps_one_message_per_stalled_step_and_all_complete_when_it
     pool_b(c, up=False)
     ids = c.client("many", "t_two_pools", "{}", str(OUTAGE_SAGAS))["ids"]
     wait_until(lambda: b_in_flight(c, ids), "every saga's b sent to its pool", timeout=120)
-    queue = redis.Redis.from_url(c.redis.url)
     lengths: list[int] = []
     began = time.monotonic()
     seen_stalled = False
     while time.monotonic() - began < OUTAGE_SECONDS:
-        lengths.append(int(queue.llen(cs.QUEUE_B)))
+        lengths.append(c.queue_depth(cs.QUEUE_B))
         if not seen_stalled and time.monotonic() - began > OUTAGE_SECONDS / 2:
             seen_stalled = True
             what_an_operator_sees(c, ids)
@@ -130,8 +128,12 @@ def test_a_pool_down_keeps_one_message_per_stalled_step_and_all_complete_when_it
     for saga_id in ids:
         assert c.wait_for(saga_id, timeout=120)["state"] == "COMPLETED"
     for saga_id in ids:
-        assert c.calls(saga_id, "b") == 1, "only the message sent first ever ran"
         assert c.effect(f"{saga_id}:b")
+        if c.broker == "redis":
+            # Redis also says which messages a worker has just taken: none is sent twice. A
+            # RabbitMQ queue with a consumer cannot be read, so a step due while the returning
+            # pool works through the backlog may be re-driven (its effect still applies once).
+            assert c.calls(saga_id, "b") == 1, "only the message sent first ever ran"
     view = c.view(ids[0])
     assert history(view, "b")[-1] == ("RUNNING", "SUCCEEDED", 1)
 

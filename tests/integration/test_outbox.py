@@ -27,7 +27,7 @@ from sagas.store import migrate
 from sagas.store import outbox as store_outbox
 from sagas.store.log import LogEntry, entry_of
 from sagas.store.sql import Store, log_t
-from tests.conftest import Backend, fresh_database, wait_for_saga
+from tests.conftest import Backend, broker_url, fresh_database, wait_for_saga
 from tests.support import test_sagas as ts
 from tests.support.engine import get_store, start_saga
 from tests.support.services import (
@@ -81,14 +81,14 @@ class Consumer:
             message.ack()
 
     def close(self) -> None:
+        self.simple.close()  # its consumer first: RabbitMQ cancels consumers of a deleted queue
         self.queue(self.conn.default_channel).delete()
-        self.simple.close()
         self.conn.release()
 
 
 @pytest.fixture
-def consumer(redis_server: Any) -> Iterator[Consumer]:
-    c = Consumer(redis_server.url)
+def consumer() -> Iterator[Consumer]:
+    c = Consumer(broker_url())
     yield c
     c.close()
 
@@ -198,8 +198,8 @@ def test_a_failing_publish_keeps_the_cursor_and_is_retried_until_it_goes_through
 def test_relay_publishes_to_the_topic_exchange_by_saga_and_event(
     scratch_store: Store, redis_server: Any
 ):
-    only_completions = Consumer(redis_server.url, binding="*.saga.completed")
-    everything = Consumer(redis_server.url, binding="billing.#")
+    only_completions = Consumer(broker_url(), binding="*.saga.completed")
+    everything = Consumer(broker_url(), binding="billing.#")
     try:
         saga_id = add_saga(scratch_store, 2, saga="billing")
         snap = SagaSnapshot(saga_id, "billing", SagaState.COMPLETED, {}, {})
@@ -207,7 +207,7 @@ def test_relay_publishes_to_the_topic_exchange_by_saga_and_event(
             scratch_store.append(conn, snap, Decision(
                 transitions=[Transition(None, SagaState.RUNNING, SagaState.COMPLETED)],
                 saga_changed=True), cause="StepSucceeded", subject=None, stall_deadline=None)
-        relay = outbox.Relay(scratch_store, SagaSettings(), outbox.KombuPublisher(redis_server.url))
+        relay = outbox.Relay(scratch_store, SagaSettings(), outbox.KombuPublisher(broker_url()))
         assert relay.run_once() == 4
         got = everything.drain()
         assert [m["event"] for m in got] == ["saga.started", "step.succeeded", "step.succeeded",

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sagas import BusinessError, Sagas, SagaSettings, SagaState, Step, StepContext, StepState
 from sagas.definition import Saga
+from tests.conftest import private_broker
 from tests.support.services import RedisServer, free_port
 from tests.support.workers import ROOT, WorkerProcess
 
@@ -151,6 +152,7 @@ def redeploys(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("redeploy")
     env = {
         "VERSIONED_REDIS": redis_server.url_db(3),
+        "VERSIONED_BROKER": private_broker("redeploy", 3),
         "VERSIONED_DB": f"sqlite:///{root}/versioned.db",
         # A step without a time limit is stalled 3 s after its dispatch; recovery re-drives it
         # on its first pass after that.
@@ -165,6 +167,7 @@ def redeploys(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactor
     versioned.ledger().flushdb()
     worker_env = dict(os.environ, **env, PYTHONPATH=str(ROOT))
     worker_env.pop("SAGAS_IMPORTS", None)
+    worker_env.pop("BROKER_URL", None)  # `celery` would take it over the app's own broker
     worker_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     worker_env.pop("SAGAS_METRICS_PORT", None)
     state = Redeploys(versioned, worker_env, root)
@@ -207,7 +210,7 @@ def test_v1_sagas_in_flight_finish_on_v1_after_a_redeploy_that_adds_v2(redeploys
                                                   "c": "PENDING"} for i in ids),
                20, "all 20 sagas at b")
     wait_until(lambda: started_b_on(redeploys, ids, "1") == 10, 20, "ten b running")
-    old.stop()  # the ten b running finish there; the other ten wait in Redis
+    old.stop()  # the ten b running finish there; the other ten wait in the broker
     assert not any(c.startswith("action:c") for i in ids for c in v.calls(i)), (
         "a c ran before the redeploy: the machine was too slow for SLOW")
     new = redeploys.deploy("1,2")
@@ -358,11 +361,12 @@ PAIR_SAGA_QUEUE = "pair_saga"
 
 @pytest.fixture(scope="session")
 def celery_config(redis_server: RedisServer) -> dict[str, Any]:
-    """``celery_app``'s configuration: the session's private Redis, not the memory transport,
+    """``celery_app``'s configuration: the session's private Redis (and its RabbitMQ vhost as the
+    broker, under SAGAS_TEST_BROKER=rabbitmq), not the memory transport,
     since a failure reaches the engine through a ``link_error`` message and the result backend."""
     url = redis_server.url_db(4)
     return {
-        "broker_url": url, "result_backend": url, "task_serializer": "json",
+        "broker_url": private_broker("kit", 4), "result_backend": url, "task_serializer": "json",
         "result_serializer": "json", "accept_content": ["json"], "task_acks_late": True,
         "worker_prefetch_multiplier": 1, "broker_connection_retry_on_startup": True,
     }
@@ -378,7 +382,9 @@ def celery_worker_parameters() -> dict[str, Any]:
 def pair(celery_app: Celery, tmp_path: Path) -> Sagas:
     """The engine bound to ``celery_app``, with v1 (reserve, charge) and v2 (... notify)."""
     engine = Sagas(celery_app, SagaSettings(
-        database_url=f"sqlite:///{tmp_path}/pair.db", redis_url=str(celery_app.conf.broker_url),
+        database_url=f"sqlite:///{tmp_path}/pair.db",
+        redis_url=str(celery_app.conf.result_backend),
+        broker_url=str(celery_app.conf.broker_url),
         saga_queue=PAIR_SAGA_QUEUE, sagas_listeners="",
     ))
     engine.upgrade_schema()

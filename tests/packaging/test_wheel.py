@@ -32,6 +32,7 @@ COPY_IGNORE = shutil.ignore_patterns(
     "__pycache__", "*.egg-info", "build", "dist", "var", "*.db",
 )
 ENGINE_TABLES = {"saga_instances", "saga_log", "saga_relay_cursor", "saga_dead_letters",
+                 "saga_locks", "saga_lock_waits",
                  "sagas_alembic_version"}
 SAMPLE_TABLES = {"orders", "inventory_stock", "inventory_reservations", "payment_charges",
                  "payment_refunds", "shipments", "alembic_version"}
@@ -89,7 +90,7 @@ from celery import Celery
 from sagas import Sagas, SagaSettings
 
 settings = SagaSettings()
-app = Celery("shop", broker=settings.redis_url, backend=settings.redis_url, include=["tasks"])
+app = Celery("shop", broker=settings.broker_url, backend=settings.redis_url, include=["tasks"])
 app.conf.update(
     task_serializer="json", accept_content=["json"], task_acks_late=True,
     task_ignore_result=True, task_store_errors_even_if_ignored=True,

@@ -103,5 +103,17 @@ foreign = Saga(
     "t_foreign", steps=[_step("a"), Step("elsewhere", action="nowhere.registered", queue=QUEUE)]
 )
 
-for _saga in (linear, no_undo, diamond, pivoted, timed, foreign):
+
+
+def _keys(data: dict[str, Any]) -> list[str]:
+    """Semantic locks named in the input: ``{"keys": ["account:1", ...]}``."""
+    return list(data.get("keys", []))
+
+
+# Two steps under semantic locks (``keys`` in the input): queued behind a holder, or refused.
+locked = Saga("t_locked", steps=[_step("a"), _step("b")], locks=_keys, on_locked="wait")
+locked_reject = Saga("t_locked_reject", steps=[_step("a"), _step("b")], locks=_keys,
+                     on_locked="reject")
+
+for _saga in (linear, no_undo, diamond, pivoted, timed, foreign, locked, locked_reject):
     engine.register(_saga)

@@ -1,8 +1,9 @@
 """Two Celery apps, each with its own engine, broker database and store, in one module.
 
 Both define a saga named ``twin`` with different steps: each engine must decide with its own.
-``TWIN_REDIS`` is the base Redis URL (db 0 is replaced: alpha uses db 1, beta db 2); ``ALPHA_DB``
-and ``BETA_DB`` are the SQLite URLs of the two stores.
+``TWIN_REDIS`` is the base Redis URL (db 0 is replaced: alpha uses db 1, beta db 2), the broker
+and result backend of each, unless ``TWIN_BROKERS`` names the two brokers (``alpha,beta``, e.g.
+two RabbitMQ vhosts); ``ALPHA_DB`` and ``BETA_DB`` are the SQLite URLs of the two stores.
 """
 
 from __future__ import annotations
@@ -22,15 +23,20 @@ def _redis(db: int) -> str:
     return base.rsplit("/", 1)[0] + f"/{db}"
 
 
+def _broker(db: int) -> str:
+    brokers = [b for b in os.environ.get("TWIN_BROKERS", "").split(",") if b]
+    return brokers[db - 1] if brokers else _redis(db)
+
+
 def _app(name: str, db: int, store_env: str) -> tuple[Celery, Sagas]:
-    app = Celery(name, broker=_redis(db), backend=_redis(db))
+    app = Celery(name, broker=_broker(db), backend=_redis(db))
     app.conf.update(task_serializer="json", accept_content=["json"], task_acks_late=True,
                     task_ignore_result=True, task_store_errors_even_if_ignored=True,
                     worker_prefetch_multiplier=1, broker_connection_retry_on_startup=True,
                     worker_hijack_root_logger=False)
     settings = SagaSettings(
         database_url=os.environ.get(store_env, f"sqlite:////tmp/{name}.db"),
-        redis_url=_redis(db), sagas_listeners="",
+        redis_url=_redis(db), broker_url=_broker(db), sagas_listeners="",
     )
     return app, Sagas(app, settings)
 

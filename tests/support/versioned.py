@@ -30,19 +30,21 @@ from sagas import BusinessError, RetryPolicy, Saga, Sagas, SagaSettings, Step, S
 NAME = "versioned"
 QUEUE = "versioned"
 REGISTER = os.environ.get("VERSIONED_REGISTER", "1,2")
-REDIS_URL = os.environ.get("VERSIONED_REDIS", "redis://127.0.0.1:6379/3")
+REDIS_URL = os.environ.get("VERSIONED_REDIS", "redis://127.0.0.1:6379/3")  # backend, ledger
+BROKER_URL = os.environ.get("VERSIONED_BROKER") or REDIS_URL
 DATABASE_URL = os.environ.get("VERSIONED_DB", "sqlite:////tmp/sagas-versioned.db")
 FAST = RetryPolicy(attempts=2, backoff=0.05, backoff_max=0.1)
 SLOW_STEP_LIMIT = 10.0  # b's time limit: well above its planned sleep
 
-app = Celery(NAME, broker=REDIS_URL, backend=REDIS_URL)
+app = Celery(NAME, broker=BROKER_URL, backend=REDIS_URL)
 app.conf.update(
     task_serializer="json", accept_content=["json"], result_serializer="json",
     task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
     task_ignore_result=True, task_store_errors_even_if_ignored=True,
     broker_connection_retry_on_startup=True, worker_hijack_root_logger=False, timezone="UTC",
 )
-engine = Sagas(app, SagaSettings(database_url=DATABASE_URL, redis_url=REDIS_URL))
+engine = Sagas(app, SagaSettings(database_url=DATABASE_URL, redis_url=REDIS_URL,
+                                 broker_url=BROKER_URL))
 
 _ledger: redis.Redis | None = None
 

@@ -8,9 +8,9 @@ EXPECTED = {
     # the binding and its settings
     "Sagas", "SagaSettings", "AuditCheck",
     # declaring sagas
-    "Saga", "Step", "RetryPolicy", "StepContext",
-    # running them: the handle and what it reads
-    "SagaHandle", "SagaOutcome", "StepOutcome", "SagaState", "StepState",
+    "Saga", "Step", "RetryPolicy", "StepContext", "LockPolicy",
+    # running them: the handle and what it reads, a durable start task for ``.delay`` callers
+    "SagaHandle", "SagaOutcome", "StepOutcome", "SagaState", "StepState", "StartTask",
     # what retry and cancel answer, and why an event changed nothing
     "Decision", "Ignored", "IgnoreKind",
     # listeners
@@ -21,7 +21,7 @@ EXPECTED = {
     "CycleError", "CompensationAfterPivotError", "UnknownSagaError", "InvalidTransitionError",
     "SagaNotFoundError", "InvalidSagaInputError", "IdempotencyConflictError", "SagaStateError",
     "StoreUnavailableError", "SagaTimeoutError", "BusinessError", "TransientError",
-    "StepOutcomeUnknown",
+    "StepOutcomeUnknown", "SagaLockedError",
 }
 
 

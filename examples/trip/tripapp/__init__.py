@@ -2,8 +2,9 @@
 
 The app is an ordinary Celery app; one call, ``Sagas(app, SagaSettings())``, puts the saga
 engine on it (its tasks on the ``saga`` queue, the step wrapper, the reconciler in beat). The
-settings come from the environment: ``REDIS_URL`` (broker and result backend) and
-``DATABASE_URL`` (the saga store; SQLite by default).
+settings come from the environment: ``REDIS_URL`` (result backend, and broker unless
+``BROKER_URL`` names another, e.g. RabbitMQ) and ``DATABASE_URL`` (the saga store; SQLite by
+default).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ QUEUES = (HOLDS, PAYMENTS, CONFIRMATIONS, SAGA)
 
 settings = SagaSettings()
 
-app = Celery("tripapp", broker=settings.redis_url, backend=settings.redis_url)
+app = Celery("tripapp", broker=settings.broker_url, backend=settings.redis_url)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",

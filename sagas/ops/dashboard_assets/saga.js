@@ -47,6 +47,11 @@ async function refresh(){
   $("saga-id").textContent=v.id;
   $("saga-live").textContent=v.live?"live: updates every second":"";
   $("saga-error").textContent=v.error||"";
+  const held=v.locks||{holds:[],waits:[]},locks=$("saga-locks");
+  locks.hidden=!held.holds.length&&!held.waits.length;
+  locks.textContent=[held.holds.length?`Holds semantic locks: ${held.holds.join(", ")}.`:"",
+   ...held.waits.map(k=>`Waits for key ${k}, held by another saga (sagas locks ${k}).`)]
+   .filter(Boolean).join(" ");
   const stall=$("stall-reason");stall.hidden=!v.stalled;
   stall.textContent=v.stalled?`Stalled: ${v.stalled.reason}.`:"";
   picture("graph",v.graph_svg);picture("timeline",v.timeline_svg);
