@@ -14,10 +14,11 @@ compensation to refund them. Two mechanisms, neither of which reads anything per
 - **Refusal.** A broadcast reaches only the workers connected when it is sent; a pool that was
   down (or cut off) then never hears it. So a worker remembers when its main process last
   (re)connected to the broker, and before running an action whose message was sent before that
-  (plus ``CONNECT_MARGIN``) it reads its saga's state, one primary-key read: if the saga is
-  rolling back, the action is not run and reported as revoked, as above. Messages sent while
-  the worker was connected skip the read; a worker that has no record of its connection (a
-  process that is not a Celery worker, ``sagas.testing``) always reads.
+  (plus ``CONNECT_MARGIN``) it reads whether its saga was called off (one indexed read of the
+  saga's row and log): if so, the action is not run and reported as revoked, as above. Messages
+  sent while the worker was connected skip the read; a process with no record of its
+  connection (not a Celery worker) always reads. A saga rolling back because a step failed
+  issues no revoke, so its actions run as they always have (their successes are compensated).
 
 The pivot is never revoked: it has no compensation, so only its own outcome may decide.
 """
@@ -31,13 +32,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
+from sqlalchemy import exists, select
 
-from sagas.coordinator import ACTION, Revoke, SagaSnapshot
+from sagas.coordinator import ACTION, CancelRequested, DeadlinePassed, Revoke, SagaSnapshot
 from sagas.errors import ActionRevoked
 from sagas.runtime.binding import Binding
 from sagas.runtime.dispatch import STEP_FAILED_TASK
 from sagas.runtime.message import step_task_id
 from sagas.states import SagaState
+from sagas.store.sql import Store, log_t, sagas_t
 
 log = logging.getLogger("sagas.revoke")
 
@@ -46,9 +49,10 @@ CONNECT_MARGIN = 5.0
 consumer starts a moment after the connection, and clocks of two machines differ a little."""
 
 REVOKED = "its saga was called off before it started: never run"
-CALLED_OFF = frozenset({SagaState.COMPENSATING, SagaState.COMPENSATED,
-                        SagaState.COMPENSATION_FAILED})
-"""Saga states in which an action that has not started must not start."""
+ROLLING_BACK = (SagaState.COMPENSATING, SagaState.COMPENSATED, SagaState.COMPENSATION_FAILED)
+CALLED_OFF_BY = (CancelRequested.__name__, DeadlinePassed.__name__)
+"""A saga rolling back after one of these decisions was called off: its actions in flight
+were revoked, and one that has not started must not start."""
 
 _connected: Any = None
 """When this worker's main process last connected to the broker (epoch seconds), in memory
@@ -79,8 +83,17 @@ def may_have_missed_a_revoke(binding: Binding, sent: float) -> bool:
     return since <= 0.0 or sent <= 0.0 or sent < since + CONNECT_MARGIN
 
 
-def called_off(state: str | None) -> bool:
-    return state is not None and state in CALLED_OFF
+def called_off(store: Store, saga_id: str) -> bool:
+    """Whether the saga was called off (cancelled, or past its own deadline) and rolls back."""
+    cancelled = exists().where(log_t.c.saga_id == sagas_t.c.id,
+                               log_t.c.cause.in_(CALLED_OFF_BY))
+    with store.read() as conn:
+        found = conn.execute(
+            select(sagas_t.c.id).where(sagas_t.c.id == saga_id,
+                                       sagas_t.c.state.in_([str(s) for s in ROLLING_BACK]),
+                                       cancelled)
+        ).first()
+    return found is not None
 
 
 def task_ids(saga_id: str, revokes: Sequence[Revoke]) -> list[str]:

@@ -238,9 +238,9 @@ def failure_event(step: str, phase: str, error: str, attempt: int | None = None)
 
 
 def _called_off(binding: Binding, saga_id: str) -> bool:
-    """Whether the saga is rolling back (one read); when the store cannot say, it runs."""
+    """Whether the saga was called off (one read); when the store cannot say, it runs."""
     try:
-        return revoke.called_off(binding.store.saga_states([saga_id]).get(saga_id))
+        return revoke.called_off(binding.store, saga_id)
     except StoreUnavailableError:
         return False
 

@@ -75,8 +75,8 @@ def test_a_message_sent_while_the_worker_was_connected_costs_no_read(
     def no_read(*_: Any, **__: Any) -> Any:
         raise AssertionError("the store was read for a message sent while connected")
 
-    monkeypatch.setattr(Store, "saga_states", no_read)
     ctx = _message(worker, saga_id, "a", sent=1000.0 + revoke.CONNECT_MARGIN + 1)
+    monkeypatch.setattr(Store, "read", no_read)
     worker["task"].apply(args=(ctx,), task_id=f"{saga_id}.a.do.1")
     assert len(worker["ran"]) == 1, "a revoke sent to it would have been heard: it runs"
 
@@ -92,6 +92,21 @@ def test_a_message_older_than_the_connection_is_checked_and_refused_when_called_
     assert result.state == "IGNORED"
     assert worker["ran"] == [], "never run"
     assert worker["reports"] == [(f"{saga_id}.a.do.1", saga_id, "a", "action", 1)]
+
+
+def test_a_saga_rolling_back_after_a_failure_was_not_called_off_its_actions_run(
+    worker: dict[str, Any],
+):
+    engine: Sagas = worker["engine"]
+    revoke._connected = None  # every action is checked
+    saga_id = engine.start(worker["saga"], {}).id
+    from sagas.coordinator import StepFailed
+    from sagas.runtime.transitions import apply_event
+
+    apply_event(engine._binding, saga_id, StepFailed("a", ACTION, "BusinessError: no"))
+    assert engine.handle(saga_id).state is SagaState.COMPENSATED
+    assert not revoke.called_off(engine.store, saga_id)
+    assert revoke.called_off(engine.store, _cancelled(worker))
 
 
 def test_outside_a_worker_every_action_is_checked(worker: dict[str, Any]):
