@@ -525,7 +525,8 @@ def _on_failed(m: _Machine, event: StepFailed) -> Ignored | None:
             IgnoreKind.NOT_IN_FLIGHT, f"step {event.step!r} is {step.state}, not COMPENSATING"
         )
         m.step_to(
-            event.step, StepState.COMPENSATION_FAILED, error=event.error, ran=event.attempt
+            event.step, StepState.COMPENSATION_FAILED, error=event.error,
+            ran=_credit(step, event.attempt),
         )
         if m.snap.state == SagaState.COMPENSATING:
             m.advance_rollback()

@@ -678,3 +678,15 @@ def test_a_parked_roll_forward_retry_also_resends_a_branch_still_in_flight():
     assert run.state == SagaState.FORWARD_FAILED
     decision = run.send(RetryRequested())
     assert sorted((d.step, d.attempt) for d in decision.dispatches) == [("x", 2), ("y", 2)]
+
+
+def test_a_compensation_that_fails_after_its_retries_credits_its_last_try():
+    again = linear()
+    again.start()
+    again.succeed("a")
+    again.fail("b")
+    again.send(StepRetrying("a", COMPENSATION, 2, "x"))  # a Celery retry of undo.1
+    decision = again.send(StepFailed("a", COMPENSATION, "boom", attempt=1))
+    (failed_undo,) = [t for t in decision.transitions
+                      if t.step == "a" and t.to_state == S.COMPENSATION_FAILED]
+    assert failed_undo.attempt == 2, "undo.1's last try, not its first"
