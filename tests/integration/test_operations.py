@@ -209,7 +209,12 @@ def test_a_slow_first_delivery_that_succeeds_after_a_redrive_is_the_one_credited
                if e["step"] == "b" and e["phase"] == "action"}
     assert entries[1]["outcome"] == "succeeded"
     assert entries[1]["task_id"] == f"{saga_id}.b.do.1", "the dashboard links the one that ran"
-    assert entries[2]["outcome"] == "superseded" and entries[2]["task_id"].endswith(".b.do.2")
+    # do.2 waited behind do.1 (Redis says so and recovery held it; RabbitMQ cannot, so it may
+    # have been re-driven again): the newest is superseded, none is credited.
+    newest = max(entries)
+    assert entries[newest]["outcome"] == "superseded"
+    assert entries[newest]["task_id"] == f"{saga_id}.b.do.{newest}"
+    assert {entries[a]["outcome"] for a in entries if a not in (1, newest)} <= {"redriven"}
     step = next(s for s in view["steps"] if s["name"] == "b")
     assert step["started_at"] <= step["finished_at"]
 
