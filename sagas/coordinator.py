@@ -17,6 +17,7 @@ from typing import Any, Literal
 from sagas.definition import Saga, SuccessShape
 from sagas.errors import SagaStateError
 from sagas.states import (
+    SAGA_PARKED,
     STEP_ROLLED_BACK,
     SagaState,
     StepState,
@@ -44,9 +45,44 @@ class StepSnapshot:
     compensation_attempts: int = 0
     since: datetime | None = None  # when the step last changed state (recovery's clock)
     countdown: float = 0.0  # the delay its current attempt was sent with
+    # Recovery's notes (re-drives, and holds of a message still waiting in the broker) since
+    # the step last made progress: its next re-drive backs off by this count.
+    redrives: int = 0
+    held: bool = False  # recovery's last note found its message still waiting in the broker
+    stalled_since: datetime | None = None  # its last progress, while ``redrives`` > 0
+    failures: int = 0  # FAILED moves since an operator last retried it (the forward budget)
+    delivery: int = 0  # the attempt that began its current delivery (the task id's number)
 
     def attempt_of(self, phase: str) -> int:
         return self.compensation_attempts if phase == COMPENSATION else self.attempts
+
+
+_IN_FLIGHT = frozenset({StepState.RUNNING, StepState.COMPENSATING})
+
+
+def account(step: StepSnapshot, t: Transition, before: int, operator: bool = False) -> None:
+    """The counters one transition of ``step`` moves; ``before``: the phase's attempt count
+    before it. The same rules when a decision is taken and when the log is replayed.
+
+    A recovery note (same state, ``keeps_error``) adds to ``redrives``: a re-drive when it
+    numbers a new attempt, a hold when it does not; any other move is progress and clears them.
+    A new attempt that is not a Celery retry of the same message begins a new delivery.
+    """
+    again = t.from_state == t.to_state
+    if again and t.keeps_error:
+        if step.redrives == 0:
+            step.stalled_since = step.since
+        step.redrives += 1
+        step.held = t.attempt <= before
+    else:
+        step.redrives, step.held, step.stalled_since = 0, False, None
+    target = StepState(t.to_state)
+    if target is StepState.FAILED:
+        step.failures += 1
+    elif operator and t.from_state == StepState.FAILED:
+        step.failures = 0  # an operator's retry grants a fresh forward budget
+    if target in _IN_FLIGHT and t.attempt > before and not (again and not t.keeps_error):
+        step.delivery = t.attempt
 
 
 @dataclass
@@ -81,6 +117,14 @@ class Dispatch:
     phase: Phase
     attempt: int
     countdown: float = 0.0
+
+
+@dataclass(frozen=True)
+class Revoke:
+    """A step's action messages (attempts 1..``upto``) that must not start any more."""
+
+    step: str
+    upto: int
 
 
 # --- events ---------------------------------------------------------------
@@ -121,7 +165,11 @@ class StepFailed:
     # lost, broker or backend unreachable): the pivot, which has no compensation, is then
     # re-driven, never failed; any other step is compensated, in case its effect committed.
     definite: bool = True
-    attempt: int | None = None  # the attempt that failed; None: the current one
+    # The attempt the failed delivery was sent as (its task id's number); None: the current.
+    attempt: int | None = None
+    # After the pivot: the step refused for good (its retry policy's ``business`` errors);
+    # the saga parks instead of sending it again.
+    business: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,9 +193,16 @@ class RetryRequested:
 
 @dataclass(frozen=True)
 class Redrive:
-    """Recovery re-publishes work that made no progress; same idempotency keys."""
+    """Recovery re-publishes work that made no progress; same idempotency keys.
+
+    ``queued`` names steps whose current message recovery saw still waiting in the broker (no
+    worker has taken it, or one took it just now), so sending another would only pile up a
+    duplicate. They are held (a note in the history, the next look backed off), not
+    re-published.
+    """
 
     steps: tuple[str, ...] = ()
+    queued: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -198,6 +253,7 @@ class Ignored:
 class Decision:
     transitions: list[Transition] = field(default_factory=list)
     dispatches: list[Dispatch] = field(default_factory=list)
+    revokes: list[Revoke] = field(default_factory=list)  # after the commit, like dispatches
     changed_steps: set[str] = field(default_factory=set)
     saga_changed: bool = False
     ignored: Ignored | None = None
@@ -235,11 +291,13 @@ class _Machine:
         keep_step_error: bool = False,
         ran: int | None = None,
         countdown: float = 0.0,
+        operator: bool = False,
     ) -> StepSnapshot:
         """Move one step; ``ran`` credits the attempt that produced the outcome (history)."""
         step = self.snap.steps[name]
         check_step_transition(name, step.state, target)
         compensating = target in COMPENSATION_STATES
+        before = step.compensation_attempts if compensating else step.attempts
         if bump_attempt:
             if compensating:
                 step.compensation_attempts += 1
@@ -248,9 +306,10 @@ class _Machine:
         attempt = step.compensation_attempts if compensating else step.attempts
         if ran is not None and 0 < ran <= attempt:
             attempt = ran
-        self.out.transitions.append(Transition(
-            name, step.state, target, attempt, error, countdown, keep_step_error
-        ))
+        transition = Transition(name, step.state, target, attempt, error, countdown,
+                                keep_step_error)
+        self.out.transitions.append(transition)
+        account(step, transition, before, operator=operator)
         step.state = target
         step.countdown = countdown
         if error is not None and not keep_step_error:
@@ -317,6 +376,46 @@ class _Machine:
     def pivot_passed(self) -> bool:
         pivot = self.saga.pivot
         return pivot is not None and self.snap.steps[pivot].state == StepState.SUCCEEDED
+
+    def revoke_actions_in_flight(self) -> None:
+        """The saga is called off: action messages not yet started must never start.
+
+        The pivot is left alone: it has no compensation, so its outcome must be seen.
+        """
+        for name in self.saga.order:
+            step = self.snap.steps[name]
+            if step.state == StepState.RUNNING and name != self.saga.pivot and step.attempts:
+                self.out.revokes.append(Revoke(name, step.attempts))
+
+    def redrive(self, name: str, phase: Phase) -> None:
+        """Send the step's work again (a new attempt, same key), keeping its error."""
+        state = StepState.RUNNING if phase == ACTION else StepState.COMPENSATING
+        self.step_to(name, state, bump_attempt=True, error=REDRIVEN, keep_step_error=True)
+        self.dispatch(name, phase)
+
+    def hold(self, name: str) -> None:
+        """Its message still waits in the broker: a note, no new message."""
+        step = self.snap.steps[name]
+        self.step_to(name, step.state, error=HELD, keep_step_error=True)
+
+
+REDRIVEN = "re-driven by recovery"
+HELD = ("re-drive held: its message still waits in the broker (no worker has taken it, or one "
+        "took it just now)")
+UNDONE_UNHEARD = "no outcome from its action while the saga compensates: undone in case it ran"
+"""The errors of recovery's notes in a step's history (the step keeps its own error)."""
+
+
+def _credit(step: StepSnapshot, sent_as: int | None) -> int | None:
+    """The attempt a delivery's outcome is credited to (``step_to``'s ``ran``).
+
+    A failure names the attempt its delivery was sent as; while that delivery is the step's
+    current one the current attempt is the try that ran (Celery's retries of one message
+    number the attempts after it), else the older delivery's own number.
+    """
+    if sent_as is None or sent_as == step.delivery:
+        return None
+    return sent_as
 
 
 def _not_running(step: str, state: StepState) -> Ignored:
@@ -426,7 +525,8 @@ def _on_failed(m: _Machine, event: StepFailed) -> Ignored | None:
             IgnoreKind.NOT_IN_FLIGHT, f"step {event.step!r} is {step.state}, not COMPENSATING"
         )
         m.step_to(
-            event.step, StepState.COMPENSATION_FAILED, error=event.error, ran=event.attempt
+            event.step, StepState.COMPENSATION_FAILED, error=event.error,
+            ran=_credit(step, event.attempt),
         )
         if m.snap.state == SagaState.COMPENSATING:
             m.advance_rollback()
@@ -438,14 +538,24 @@ def _on_failed(m: _Machine, event: StepFailed) -> Ignored | None:
             IgnoreKind.PIVOT_OUTCOME_UNKNOWN,
             f"pivot step {event.step!r} outcome unknown ({event.error}); recovery re-drives it",
         )
+    ran = _credit(step, event.attempt)
     if m.snap.state == SagaState.RUNNING and m.pivot_passed():
-        # Past the point of no return: the saga can only go forward.
-        m.step_to(event.step, StepState.FAILED, error=event.error, ran=event.attempt)
-        countdown = m.saga.steps[event.step].retry.delay(step.attempts + 1)
+        # Past the point of no return: the saga can only go forward, within the step's budget.
+        m.step_to(event.step, StepState.FAILED, error=event.error, ran=ran)
+        spec = m.saga.steps[event.step]
+        if event.business or step.failures > spec.forward_retries:
+            why = ("refused for good" if event.business else
+                   f"failed {step.failures} times (forward_retries={spec.forward_retries})")
+            m.saga_to(
+                SagaState.FORWARD_FAILED,
+                error=f"step {event.step!r} {why} after the pivot: {event.error}",
+            )
+            return None
+        countdown = spec.retry.delay(step.attempts + 1)
         m.step_to(event.step, StepState.RUNNING, bump_attempt=True, countdown=countdown)
         m.dispatch(event.step, ACTION, countdown=countdown)
         return None
-    m.step_to(event.step, StepState.FAILED, error=event.error, ran=event.attempt)
+    m.step_to(event.step, StepState.FAILED, error=event.error, ran=ran)
     if m.snap.state == SagaState.RUNNING:
         m.saga_to(SagaState.COMPENSATING, error=f"step {event.step!r} failed: {event.error}")
     if m.snap.state == SagaState.COMPENSATING:
@@ -484,12 +594,18 @@ def _on_retrying(m: _Machine, event: StepRetrying) -> Ignored | None:
 def _on_cancel(m: _Machine, event: CancelRequested) -> Ignored | None:
     if m.snap.state == SagaState.COMPENSATING:
         return Ignored(IgnoreKind.ALREADY_COMPENSATING, "saga is already compensating")
+    if m.snap.state == SagaState.FORWARD_FAILED:
+        raise SagaStateError(
+            f"saga {m.snap.id} is FORWARD_FAILED: it passed its pivot step {m.saga.pivot!r} and "
+            "can only go forward; fix the cause, then retry it"
+        )
     if m.snap.state not in (SagaState.PENDING, SagaState.WAITING, SagaState.RUNNING):
         raise SagaStateError(f"saga {m.snap.id} is {m.snap.state}; only a running saga cancels")
     if m.pivot_passed():
         raise SagaStateError(
             f"saga {m.snap.id} passed its pivot step {m.saga.pivot!r}; it can only go forward"
         )
+    m.revoke_actions_in_flight()
     m.saga_to(SagaState.COMPENSATING, error=event.reason)
     m.advance_rollback()
     return None
@@ -503,6 +619,19 @@ def _on_retry(m: _Machine, event: RetryRequested) -> Ignored | None:
                 m.step_to(name, StepState.COMPENSATING, bump_attempt=True)
                 m.dispatch(name, COMPENSATION)
         m.advance_rollback()
+        return None
+    if m.snap.state == SagaState.FORWARD_FAILED:
+        # The parked roll-forward: its failed steps are sent again with a fresh budget, and a
+        # branch still in flight when it parked is sent again too (its message may be lost).
+        m.saga_to(SagaState.RUNNING)
+        for name in m.saga.order:
+            step = m.snap.steps[name]
+            if step.state == StepState.FAILED:
+                m.step_to(name, StepState.RUNNING, bump_attempt=True, operator=True)
+                m.dispatch(name, ACTION)
+            elif step.state == StepState.RUNNING:
+                m.redrive(name, ACTION)
+        m.run_ready_steps()
         return None
     if m.snap.state in (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.PENDING):
         return _on_redrive(m, Redrive())
@@ -519,29 +648,27 @@ def _on_redrive(m: _Machine, event: Redrive) -> Ignored | None:
         return _on_started(m, Started())
     if m.snap.state == SagaState.WAITING:
         return Ignored(IgnoreKind.NOTHING_TO_REDRIVE, "waiting for a semantic lock")
+    if m.snap.state in SAGA_PARKED:
+        return Ignored(IgnoreKind.SETTLED, f"saga is {m.snap.state}: an operator retries it")
     wanted = set(event.steps) or set(m.snap.steps)
+    queued = set(event.queued)
+    compensating = m.snap.state == SagaState.COMPENSATING
     for name in m.saga.order:
         step = m.snap.steps[name]
-        if name not in wanted:
+        if name not in wanted or step.state not in _IN_FLIGHT:
             continue
-        if step.state == StepState.RUNNING:
-            m.step_to(
-                name,
-                StepState.RUNNING,
-                bump_attempt=True,
-                error="re-driven by recovery",
-                keep_step_error=True,
-            )
-            m.dispatch(name, ACTION)
-        elif step.state == StepState.COMPENSATING:
-            m.step_to(
-                name,
-                StepState.COMPENSATING,
-                bump_attempt=True,
-                error="re-driven by recovery",
-                keep_step_error=True,
-            )
-            m.dispatch(name, COMPENSATION)
+        action = step.state == StepState.RUNNING
+        if action and compensating and name != m.saga.pivot:
+            # An action the rollback waits for made no progress: it is not sent forward again
+            # (the saga was called off); it is undone, in case a delivery of it ran.
+            m.step_to(name, StepState.FAILED, error=UNDONE_UNHEARD)
+            if m.saga.steps[name].compensation is not None:
+                m.step_to(name, StepState.COMPENSATING, bump_attempt=True)
+                m.dispatch(name, COMPENSATION)
+        elif name in queued:
+            m.hold(name)
+        else:
+            m.redrive(name, ACTION if action else COMPENSATION)
     if m.snap.state == SagaState.RUNNING:
         m.run_ready_steps()
     elif m.snap.state == SagaState.COMPENSATING:
@@ -565,6 +692,7 @@ def _on_deadline(m: _Machine, event: DeadlinePassed) -> Ignored | None:
         return Ignored(
             IgnoreKind.PIVOT_IN_FLIGHT, f"pivot step {pivot!r} is in flight; its outcome decides"
         )
+    m.revoke_actions_in_flight()
     m.saga_to(SagaState.COMPENSATING, error=event.reason)
     m.advance_rollback()
     return None

@@ -82,8 +82,28 @@ def task_name(task: Any) -> str:
     return name
 
 
+DEFAULT_FORWARD_RETRIES = 10
+
+
 @dataclass(frozen=True)
 class Step:
+    """One step of a saga: its action, its compensation, where and how it runs.
+
+    ``time_limit`` (seconds) is the action's Celery ``soft_time_limit``; Celery kills the
+    delivery ``TIME_LIMIT_HARD_MARGIN`` (5 s) later. A step that made no progress is re-driven
+    by recovery only once that hard limit plus ``RECOVERY_GRACE`` has passed since it was sent,
+    so a delivery still running is never doubled. **Without a time limit nothing bounds a
+    delivery**: a step whose worker died waits ``STEP_TIMEOUT`` (default 300 s) before recovery
+    re-drives it, and its saga shows as stalled (``sagas show``) only once that has passed.
+    Give every step whose normal run time you know a ``time_limit``.
+
+    ``forward_retries``: after the pivot a step can only go forward. When it fails (its
+    ``retry`` policy's attempts spent), it is sent again, one attempt at a time with the
+    policy's backoff, at most this many times; then, or at once on a business refusal, the saga
+    parks as FORWARD_FAILED until an operator's ``sagas retry`` sends it again (with a fresh
+    budget).
+    """
+
     name: str
     action: Any
     compensation: Any = None
@@ -93,6 +113,11 @@ class Step:
     time_limit: float | None = None
     pivot: bool = False
     depends_on: Any = _PREVIOUS
+    forward_retries: int = DEFAULT_FORWARD_RETRIES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.forward_retries, int) or self.forward_retries < 0:
+            raise DefinitionError(f"step {self.name!r}: forward_retries must be 0 or more")
 
     @property
     def action_name(self) -> str:

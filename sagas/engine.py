@@ -11,17 +11,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_init, worker_ready
+from celery.signals import task_revoked, worker_init, worker_ready
 from kombu.utils.imports import symbol_by_name
 
 from sagas.coordinator import Decision
 from sagas.definition import Saga
-from sagas.errors import DefinitionError
+from sagas.errors import DefinitionError, SagaNotFoundError
 from sagas.observe import setup as observe_setup
-from sagas.runtime import consumer, poison, worker
+from sagas.runtime import consumer, poison, revoke, worker
 from sagas.runtime.binding import Binding, bind, binding_of
 from sagas.runtime.dispatch import (
     RECOVER_TASK,
@@ -32,12 +33,13 @@ from sagas.runtime.dispatch import (
 from sagas.runtime.handle import SagaHandle, SagaOutcome, read_outcomes
 from sagas.runtime.recovery import BEAT_ENTRY, RecoveryReport, beat_entry, recover_stalled
 from sagas.runtime.relay import Relay
+from sagas.runtime.stalls import Stall, stall_of
 from sagas.runtime.starter import StartTask, make_start_task
 from sagas.runtime.transitions import cancel_saga, retry_saga, start_saga
 from sagas.settings import SagaSettings
 from sagas.states import SagaState
 from sagas.store import locks, migrate
-from sagas.store.sql import Store
+from sagas.store.sql import Store, utcnow
 
 log = logging.getLogger("sagas")
 
@@ -92,6 +94,7 @@ class Sagas:
         uid = f"sagas.engine.{id(self)}"
         worker_init.connect(self._on_worker_init, weak=False, dispatch_uid=f"{uid}.init")
         worker_ready.connect(self._on_worker_ready, weak=False, dispatch_uid=f"{uid}.ready")
+        task_revoked.connect(self._on_task_revoked, weak=False, dispatch_uid=f"{uid}.revoked")
         for saga in sagas:
             self.register(saga)
 
@@ -241,6 +244,7 @@ class Sagas:
             log.critical("worker refused to start: %s", exc)
             raise SystemExit(1) from exc
         _quiet_reconciler_logs()
+        revoke.track_connections()  # before the pool forks: its processes share the record
         # Poison (undecodable, unknown task, too large, ...) is dead-lettered, not just dropped.
         if hasattr(sender, "consumer_cls"):
             sender.consumer_cls = consumer.poison_aware(
@@ -254,6 +258,15 @@ class Sagas:
                     worker.wrap_step_task(task, None)
                 except DefinitionError:
                     log.debug("task %s left as it is: it cannot take the step wrapper", name)
+
+    def _on_task_revoked(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        """A worker discarded a revoked message: a saga action's is reported as never run."""
+        if getattr(sender, "app", None) is not self.app or request is None:
+            return
+        try:
+            revoke.report_revoked_request(self._binding, request)
+        except Exception as exc:  # recovery undoes the step once its deadline passes
+            log.warning("could not report revoked task %s: %s", getattr(request, "id", "?"), exc)
 
     def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not self.app:
@@ -327,6 +340,26 @@ class Sagas:
         """Many sagas with their steps, in two queries; ids never recorded are absent."""
         return read_outcomes(self._binding, saga_ids)
 
+    def stall(self, saga_id: str, now: datetime | None = None) -> Stall | None:
+        """Why the saga makes no progress, read from its log; None when it is not stalled.
+
+        See ``sagas.runtime.stalls``: a step recovery re-drove or held (its message still
+        waits in the broker) since its last progress, or one past its deadline.
+        """
+        snap = self.store.read_outcomes([saga_id]).get(saga_id)
+        if snap is None:
+            raise SagaNotFoundError(f"no saga with id {saga_id!r}")
+        definition = self._binding.find(snap.name, snap.version)
+        return stall_of(self.settings, definition, snap, now or utcnow())
+
+    def view(self, saga_id: str) -> dict[str, Any]:
+        """The saga as ``sagas show --json`` and ``GET /sagas/{id}`` give it: the store's view
+        (steps, context, history) plus ``stalled`` (None, or why it makes no progress)."""
+        view = self.store.get_view(saga_id)
+        stall = self.stall(saga_id)
+        view["stalled"] = None if stall is None else stall.as_dict(self.settings)
+        return view
+
     def lock_holder(self, key: str) -> str | None:
         """The saga holding semantic lock ``key``, or None: for a pessimistic view (a read API
         that shows a record as "being changed" while a saga holds its key)."""
@@ -340,7 +373,7 @@ class Sagas:
             return locks.listing(conn, key, limit)
 
     def retry(self, saga_id: str) -> Decision:
-        """Resume a parked (COMPENSATION_FAILED) saga, or re-drive a stalled one."""
+        """Resume a parked (COMPENSATION_FAILED, FORWARD_FAILED) saga, or re-drive a stalled one."""
         self._prepare()
         return retry_saga(self._binding, saga_id)
 

@@ -102,6 +102,22 @@ class StepOutcomeUnknown(StepFailure):
     """
 
 
+class RefusedAfterPivot(StepFailure):
+    """Raised by the engine for a business refusal of a step past the pivot.
+
+    Such a step cannot be compensated and would refuse again: the saga parks as FORWARD_FAILED
+    (an operator fixes the cause, then ``sagas retry``) instead of sending it again.
+    """
+
+
+class ActionRevoked(StepFailure):
+    """An action message that was never run: its saga was called off before it started.
+
+    Reported in place of its outcome. Another delivery of the step may have run, so the step is
+    compensated (compensations tolerate a missing effect).
+    """
+
+
 # --- outages ---------------------------------------------------------------
 class OutageKind(StrEnum):
     DATABASE = "database"

@@ -33,10 +33,16 @@ class SagaSettings(BaseSettings):
 
     # --- timing and recovery -------------------------------------------------------------------
     step_timeout: float = Field(
-        300.0, gt=0, description="Expected upper bound of a step without its own time limit (s)"
+        300.0, gt=0, description="Seconds recovery waits before re-driving a step without its "
+        "own time limit (nothing kills such a step, so nothing shorter is safe)",
     )
     recovery_grace: float = Field(
-        30.0, ge=0, description="Past a step's deadline, recovery re-drives it within this (s)"
+        30.0, ge=0, description="Seconds past a step's hard time limit (its time_limit + 5 s, "
+        "when Celery has killed it) before recovery re-drives it",
+    )
+    recovery_backoff_max: float = Field(
+        600.0, gt=0, description="Longest wait (s) between two re-drives of a step that makes "
+        "no progress: they back off exponentially from the step's own deadline up to this",
     )
     recovery_interval: float = Field(
         5.0, gt=0, description="Seconds between two beat-scheduled reconciler runs"

@@ -15,6 +15,7 @@ class SagaState(StrEnum):
     COMPLETED = "COMPLETED"
     COMPENSATED = "COMPENSATED"
     COMPENSATION_FAILED = "COMPENSATION_FAILED"
+    FORWARD_FAILED = "FORWARD_FAILED"
 
     @property
     def is_terminal(self) -> bool:
@@ -33,9 +34,13 @@ class StepState(StrEnum):
 
 
 SAGA_TERMINAL = frozenset({SagaState.COMPLETED, SagaState.COMPENSATED})
-"""COMPENSATION_FAILED is parked, not terminal: an operator may retry it."""
+"""COMPENSATION_FAILED and FORWARD_FAILED are parked, not terminal: an operator may retry."""
 
-SAGA_SETTLED = SAGA_TERMINAL | {SagaState.COMPENSATION_FAILED}
+SAGA_PARKED = frozenset({SagaState.COMPENSATION_FAILED, SagaState.FORWARD_FAILED})
+"""Parked: a rollback whose compensation failed for good, or a saga past its pivot whose step
+failed for good (a business refusal, or its forward budget spent). ``sagas retry`` resumes."""
+
+SAGA_SETTLED = SAGA_TERMINAL | SAGA_PARKED
 """States in which nothing runs until an operator acts."""
 
 SAGA_TRANSITIONS: dict[SagaState, frozenset[SagaState]] = {
@@ -47,10 +52,15 @@ SAGA_TRANSITIONS: dict[SagaState, frozenset[SagaState]] = {
     SagaState.WAITING: frozenset(
         {SagaState.WAITING, SagaState.RUNNING, SagaState.COMPENSATING}
     ),
-    SagaState.RUNNING: frozenset({SagaState.COMPLETED, SagaState.COMPENSATING}),
+    # RUNNING -> FORWARD_FAILED: past the pivot a step failed for good; the saga parks.
+    SagaState.RUNNING: frozenset(
+        {SagaState.COMPLETED, SagaState.COMPENSATING, SagaState.FORWARD_FAILED}
+    ),
     SagaState.COMPENSATING: frozenset({SagaState.COMPENSATED, SagaState.COMPENSATION_FAILED}),
     # An operator's retry resumes a parked rollback.
     SagaState.COMPENSATION_FAILED: frozenset({SagaState.COMPENSATING}),
+    # ... and a parked roll-forward: its failed steps are sent again.
+    SagaState.FORWARD_FAILED: frozenset({SagaState.RUNNING}),
     SagaState.COMPLETED: frozenset(),
     SagaState.COMPENSATED: frozenset(),
 }
@@ -64,7 +74,9 @@ STEP_TRANSITIONS: dict[StepState, frozenset[StepState]] = {
     ),
     # SUCCEEDED -> SKIPPED: rollback reached a step that has no compensation.
     StepState.SUCCEEDED: frozenset({StepState.COMPENSATING, StepState.SKIPPED}),
-    # FAILED -> RUNNING: after the pivot a failed step is retried forward.
+    # FAILED -> RUNNING: after the pivot a failed step is retried forward (within its forward
+    # budget; past it, or on a business refusal, it stays FAILED and the saga parks until an
+    # operator's retry sends it again).
     # FAILED -> COMPENSATING: a failure that says nothing about the effect (retries spent,
     # time limit, lost worker) may hide a committed effect, so the step is undone too.
     StepState.FAILED: frozenset({StepState.RUNNING, StepState.COMPENSATING}),

@@ -52,15 +52,17 @@ from sagas.coordinator import (
 from sagas.definition import Saga
 from sagas.engine import Sagas
 from sagas.errors import BusinessError, DefinitionError, TransientError
+from sagas.runtime import revoke
 from sagas.runtime.binding import Binding
 from sagas.runtime.dispatch import build_signature
 from sagas.runtime.recovery import DEADLINE_STATES, LIVE_STATES, RecoveryReport, recover_stalled
 from sagas.runtime.transitions import apply_event
+from sagas.runtime.waiting import QueueLook
 from sagas.runtime.worker import (
     WORKER_LOST_RETRY_DELAY,
     StepTaskMixin,
-    _is_definite,
     describe,
+    failure_event,
     normalize_result,
 )
 from sagas.settings import SagaSettings
@@ -311,8 +313,11 @@ class _Delivery:
     task: str
     body: dict[str, Any]
     soft_time_limit: float | None
+    task_id: str = ""
+    queue: str = ""
     retries: int = 0
     plan: _Plan | None = None  # set once started; a slow call finishes later
+    revoked: bool = False  # revoked before it started: the worker discards it, reports it
 
 
 class _Task(StepTaskMixin):
@@ -379,6 +384,8 @@ class SagaRunner:
         self.engine = Sagas(self.app, self.settings)
         self.binding: Binding = self.engine._binding
         self.binding.publisher = self._publish
+        self.binding.revoker = self._revoke
+        self.binding.probe = self._probe
         with warnings.catch_warnings():
             # SQLAlchemy picks its per-thread pool for mode=memory URLs and warns that a
             # future release will pool them like files; either keeps the database alive.
@@ -589,14 +596,33 @@ class SagaRunner:
             limit = sig.options.get("soft_time_limit")
             job = _Delivery(
                 snap.id, dispatch.step, dispatch.phase, str(sig.task), body,
-                None if limit is None else float(limit),
+                None if limit is None else float(limit), task_id=str(sig.options["task_id"]),
+                queue=str(sig.options["queue"]),
             )
             self._schedule(job, float(sig.options.get("countdown", 0.0)))
 
     def _schedule(self, job: _Delivery, delay: float) -> None:
         heapq.heappush(self._queue, (self.clock.elapsed + max(delay, 0.0), next(self._seq), job))
 
+    def _revoke(self, binding: Binding, task_ids: list[str]) -> None:
+        """The app's remote control: a queued message with a revoked id is never run."""
+        revoked = set(task_ids)
+        for _, _, job in self._queue:
+            if job.task_id in revoked and job.plan is None:
+                job.revoked = True
+
+    def _probe(self, queues: Sequence[str]) -> dict[str, QueueLook]:
+        """What a broker would say of each queue: the task ids of the messages not started."""
+        return {q: QueueLook(q, frozenset(job.task_id for _, _, job in self._queue
+                                          if job.queue == q and job.plan is None))
+                for q in queues}
+
     def _deliver(self, job: _Delivery) -> None:
+        if job.revoked:
+            # What the worker does with a revoked message: discard it, report it as never run.
+            self._apply(job, failure_event(job.step, job.phase, revoke.revoked_error(),
+                                           int(job.body["attempt"])))
+            return
         if job.plan is None:
             key = (job.saga_id, job.step, job.phase)
             self._calls[key] += 1
@@ -656,8 +682,8 @@ class SagaRunner:
             pass  # the pivot's outcome is unknown: left to the reconciler, as on a worker
         except Exception as exc:
             # What sagas.step_failed (the link_error target) records from the stored failure.
-            error = describe(exc)
-            self._apply(job, StepFailed(job.step, job.phase, error, definite=_is_definite(error)))
+            self._apply(job, failure_event(job.step, job.phase, describe(exc),
+                                           int(job.body["attempt"])))
         else:
             if not job.body.get("inline"):
                 # A task the engine does not wrap reports through sagas.step_succeeded (link).
@@ -668,7 +694,7 @@ class SagaRunner:
             self._again(job, float(WORKER_LOST_RETRY_DELAY))
             return
         error = describe(WorkerLostError(LOST_WORKER_MESSAGE))
-        self._apply(job, StepFailed(job.step, job.phase, error, definite=_is_definite(error)))
+        self._apply(job, failure_event(job.step, job.phase, error, int(job.body["attempt"])))
 
     def _again(self, job: _Delivery, delay: float) -> None:
         """Celery sends the same message again with one more retry counted."""

@@ -13,7 +13,8 @@ check joins the two and lists every place they disagree:
 - every sku: starting stock minus the units of live (``reserved``) reservations == available.
 - no ledger row belongs to a saga the store does not know.
 - once idle (the default; ``--no-idle`` while sagas still run), every order saga is COMPLETED
-  or COMPENSATED: RUNNING/COMPENSATING is stuck work, COMPENSATION_FAILED is parked work.
+  or COMPENSATED: RUNNING/COMPENSATING is stuck work, COMPENSATION_FAILED and FORWARD_FAILED
+  are parked work.
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def _run(count: int, timeout: float, stack: ExitStack) -> int:
         started.append((result.id, order, expected))
 
     store = engine.store
-    settled = {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED"}
+    settled = {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED", "FORWARD_FAILED"}
     states: dict[str, str] = {}
     columns = (TextColumn("sagas"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     deadline = time.monotonic() + timeout

@@ -199,7 +199,7 @@ def wait_for_saga(saga_id: str, states: set[str] | None = None, timeout: float =
     """Poll the store until the saga reaches one of ``states`` (default: settled)."""
     from tests.support.engine import get_store
 
-    wanted = states or {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED"}
+    wanted = states or {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED", "FORWARD_FAILED"}
     deadline = time.monotonic() + timeout
     view: dict[str, Any] = {}
     while time.monotonic() < deadline:

@@ -34,6 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from sagas.coordinator import HELD
 from sagas.observe.listeners import (
     MessageRefused,
     RefusedEvent,
@@ -41,13 +42,15 @@ from sagas.observe.listeners import (
     StepAttempt,
     TransitionEvent,
 )
-from sagas.store.sql import Store, sagas_t
+from sagas.runtime import relay, stalls
+from sagas.store.sql import Store, sagas_t, utcnow
 
 log = logging.getLogger("sagas.metrics")
 
-SAGA_FINAL = ("COMPLETED", "COMPENSATED", "COMPENSATION_FAILED")
+SAGA_FINAL = ("COMPLETED", "COMPENSATED", "COMPENSATION_FAILED", "FORWARD_FAILED")
 STEP_FINAL = ("SUCCEEDED", "FAILED", "COMPENSATED", "COMPENSATION_FAILED", "SKIPPED")
-IN_FLIGHT = ("PENDING", "WAITING", "RUNNING", "COMPENSATING", "COMPENSATION_FAILED")
+IN_FLIGHT = ("PENDING", "WAITING", "RUNNING", "COMPENSATING", "COMPENSATION_FAILED",
+             "FORWARD_FAILED")
 _LONG = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, float("inf"))
 
 SAGAS_STARTED = Counter("sagas_started_total", "Sagas started", ["saga"])
@@ -130,7 +133,8 @@ class MetricsListener(SagaListener):
                 _labelled(COMPENSATION_FAILURES, event.saga, step).inc()
         elif event.to_state == event.from_state and event.cause == "StepRetrying":
             _labelled(STEP_RETRIES, event.saga, step).inc()
-        if event.cause == "Redrive" and event.from_state == event.to_state:
+        if (event.cause == "Redrive" and event.from_state == event.to_state
+                and event.error != HELD):  # a hold sends nothing
             _labelled(RECOVERIES, event.saga).inc()
 
     def after_attempt(self, attempt: StepAttempt) -> None:
@@ -153,7 +157,9 @@ def count_in_flight_of(source: StoreSource | None, *, replace: bool = True) -> N
 
 
 class InFlightCollector(Collector):
-    """``sagas_in_flight{state}`` from the store at scrape time (one indexed GROUP BY)."""
+    """The gauges read from the store at scrape time: ``sagas_in_flight{state}`` (one indexed
+    GROUP BY), ``sagas_stalled{saga}`` (live sagas that look stalled, see
+    ``sagas.runtime.stalls``) and ``sagas_outbox_pending`` (the relay's backlog)."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if _in_flight_source is None:
@@ -162,13 +168,35 @@ class InFlightCollector(Collector):
             "sagas_in_flight", "Sagas not finished, per state (parked included)", labels=["state"]
         )
         try:
-            counts = in_flight_counts(_in_flight_source())
+            store = _in_flight_source()
+            counts = in_flight_counts(store)
         except Exception as exc:  # a scrape must not fail because the database blinked
             log.warning("sagas_in_flight unavailable: %s", exc)
             return
         for state in IN_FLIGHT:
             gauge.add_metric([state], counts.get(state, 0))
         yield gauge
+        yield from _store_gauges(store)
+
+
+def _store_gauges(store: Store) -> Iterator[GaugeMetricFamily]:
+    try:
+        stalled = stalls.stalled_counts(store, utcnow())
+        pending = relay.stats(store).pending
+    except Exception as exc:
+        log.warning("sagas_stalled / sagas_outbox_pending unavailable: %s", exc)
+        return
+    gauge = GaugeMetricFamily(
+        "sagas_stalled", "Live sagas making no progress: past their deadline, or re-driven or "
+        "held (message still queued) by recovery since", labels=["saga"],
+    )
+    for name, count in sorted(stalled.items()):
+        gauge.add_metric([name], count)
+    yield gauge
+    yield GaugeMetricFamily(
+        "sagas_outbox_pending", "Saga log rows the outbox relay has not published yet",
+        value=pending,
+    )
 
 
 def in_flight_counts(store: Store) -> dict[str, int]:

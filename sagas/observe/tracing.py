@@ -36,7 +36,7 @@ _configured_pid: int | None = None
 _carrier: ContextVar[tuple[str, dict[str, str]] | None] = ContextVar("sagas_trace", default=None)
 
 COORDINATOR_TASKS = ("sagas.step_failed", "sagas.step_succeeded")
-SETTLED = ("COMPLETED", "COMPENSATED", "COMPENSATION_FAILED")
+SETTLED = ("COMPLETED", "COMPENSATED", "COMPENSATION_FAILED", "FORWARD_FAILED")
 
 
 def enable(provider: Any = None, *, register: bool = True) -> None:
@@ -206,8 +206,8 @@ class TracingListener(SagaListener):
                     "saga.duration_s": event.duration,
                 }),
             )
-            if event.to_state == "COMPENSATION_FAILED":
-                span.set_status(Status(StatusCode.ERROR, event.error or "compensation failed"))
+            if event.to_state in ("COMPENSATION_FAILED", "FORWARD_FAILED"):
+                span.set_status(Status(StatusCode.ERROR, event.error or "parked"))
             span.end()
 
     def before_attempt(self, attempt: StepAttempt) -> None:

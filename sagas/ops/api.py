@@ -51,9 +51,10 @@ from sagas.errors import (
 )
 from sagas.observe import metrics
 from sagas.ops.bounds import MAX_OFFSET, MAX_VERSION
+from sagas.runtime.stalls import stalled_among
 from sagas.states import SagaState
 from sagas.store.schema import SagaRow
-from sagas.store.sql import Store
+from sagas.store.sql import Store, utcnow
 
 log = logging.getLogger("sagas.api")
 
@@ -94,6 +95,8 @@ class SagaSummary(BaseModel):
     error: str | None
     created_at: str | None
     updated_at: str | None
+    stalled: bool = Field(False, description="Live and making no progress: past its deadline, "
+                          "or re-driven or held by recovery since (GET /sagas/{id} says why)")
 
 
 class SagaPage(BaseModel):
@@ -112,8 +115,33 @@ class StepView(BaseModel):
     compensation_attempts: int
     error: str | None
     result: Any = None
-    started_at: str | None
-    finished_at: str | None
+    started_at: str | None = Field(description="When its action was first sent")
+    finished_at: str | None = Field(description="When its action last ended (succeeded, failed)")
+    compensation_started_at: str | None = Field(
+        None, description="When its compensation was first sent")
+    compensation_finished_at: str | None = Field(
+        None, description="When its compensation ended (compensated, or failed for good)")
+
+
+class StepStallView(BaseModel):
+    step: str
+    phase: str
+    queue: str | None = Field(description="The queue its message was sent to")
+    reason: str = Field(description="queued: its message still waits in the broker (no worker "
+                        "took it); redriven: recovery sent it again, nothing heard since; "
+                        "overdue: past its deadline, recovery re-drives it at its next run")
+    since: str = Field(description="Its last progress")
+    looks: int = Field(description="Recovery's re-drives and holds since then")
+    next_look: str = Field(description="When recovery looks at it again")
+    time_limit: float | None
+    detail: str
+
+
+class StallView(BaseModel):
+    since: str
+    reasons: list[str]
+    reason: str = Field(description="One sentence per stalled step")
+    steps: list[StepStallView]
 
 
 class EventView(BaseModel):
@@ -144,6 +172,8 @@ class SagaView(BaseModel):
     context: dict[str, Any]
     steps: list[StepView]
     events: list[EventView]
+    stalled: StallView | None = Field(
+        None, description="Why a live saga makes no progress, or null")
 
 
 class LockView(BaseModel):
@@ -279,14 +309,16 @@ def saga_router(engine: Sagas, auth: AdminAuth) -> APIRouter:
             state=str(state) if state else None, name=name, version=version, limit=limit,
             offset=offset
         )
-        return SagaPage(total=total, limit=limit, offset=offset,
-                        items=[SagaSummary.model_validate(r) for r in rows])
+        stalled = stalled_among(engine.store, [r["id"] for r in rows], utcnow())
+        return SagaPage(total=total, limit=limit, offset=offset, items=[
+            SagaSummary.model_validate({**r, "stalled": r["id"] in stalled}) for r in rows])
 
     @router.get("/sagas/{saga_id}", response_model=SagaView, tags=["sagas"], dependencies=read,
                 responses={k: _ERRORS[k] for k in (401, 403, 404, 503)})
     def show_saga(saga_id: Annotated[str, SAGA_ID]) -> dict[str, Any]:
-        """Steps with state, attempts, timestamps and errors; context; history."""
-        return engine.store.get_view(saga_id)
+        """Steps with state, attempts, timestamps and errors; context; history; why it is
+        stalled."""
+        return engine.view(saga_id)
 
     @router.get("/locks", response_model=list[LockView], tags=["sagas"], dependencies=read,
                 responses=read_errors)  # type: ignore[arg-type]
@@ -301,7 +333,8 @@ def saga_router(engine: Sagas, auth: AdminAuth) -> APIRouter:
     @router.post("/sagas/{saga_id}/retry", response_model=ActionResult, tags=["sagas"],
                  status_code=status.HTTP_202_ACCEPTED, dependencies=admin, responses=_ERRORS)
     def retry(saga_id: Annotated[str, SAGA_ID]) -> ActionResult:
-        """Resume a COMPENSATION_FAILED saga's rollback, or re-drive a stalled running one."""
+        """Resume a parked saga (a COMPENSATION_FAILED rollback, a FORWARD_FAILED roll-forward),
+        or re-drive a stalled running one."""
         return _acted(engine, saga_id, "retry", engine.retry(saga_id).ignored)
 
     @router.post("/sagas/{saga_id}/cancel", response_model=ActionResult, tags=["sagas"],

@@ -15,7 +15,8 @@ the domain. For every saga recorded in the store:
   deadline, or (PENDING/RUNNING) its saga deadline, passed by more than ``recovery_grace +
   step_timeout`` means recovery is not doing its job.
 - once idle (``idle=True``, the default; ``--no-idle`` while sagas still run), every saga is
-  COMPLETED or COMPENSATED: COMPENSATION_FAILED is ``parked`` work, anything else ``stuck``.
+  COMPLETED or COMPENSATED: COMPENSATION_FAILED and FORWARD_FAILED are ``parked`` work,
+  anything else ``stuck``.
 
 Then every check a domain added with ``engine.add_audit_check`` runs, and its findings follow.
 Sagas are read in batches of ``BATCH`` by id within one read transaction (one snapshot on SQLite
@@ -34,7 +35,7 @@ from sqlalchemy import Connection, select
 
 from sagas.definition import Saga
 from sagas.errors import StoreUnavailableError
-from sagas.states import SAGA_TERMINAL, SagaState, StepState
+from sagas.states import SAGA_PARKED, SAGA_TERMINAL, SagaState, StepState
 from sagas.store.log import LogEntry, entry_of, replay, replay_problems, saga_from_row
 from sagas.store.sql import log_t, sagas_t, utcnow
 
@@ -270,8 +271,8 @@ def _check_saga(
 
     if idle:
         ran += 1
-        if state == SagaState.COMPENSATION_FAILED:
-            add(PARKED, "COMPENSATION_FAILED: an operator must retry or resolve it")
+        if state in SAGA_PARKED:
+            add(PARKED, f"{state}: an operator must retry or resolve it")
         elif state not in SAGA_TERMINAL:
             add(STUCK, f"{state} while the system is idle")
     return found, ran

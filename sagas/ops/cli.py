@@ -47,8 +47,10 @@ from sagas.ops.audit import audit as run_audit
 from sagas.ops.bounds import MAX_OFFSET, MAX_ROW_ID, MAX_SECONDS, MAX_VERSION
 from sagas.runtime import relay as outbox
 from sagas.runtime.poison import PoisonReason
+from sagas.runtime.stalls import stalled_among
 from sagas.states import SagaState
 from sagas.store import dead_letters
+from sagas.store.sql import utcnow
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -266,7 +268,7 @@ def print_json(data: Any) -> None:
 STATE_STYLE = {
     "COMPLETED": "green", "SUCCEEDED": "green", "COMPENSATED": "yellow",
     "COMPENSATING": "yellow", "RUNNING": "cyan", "PENDING": "dim", "SKIPPED": "dim",
-    "FAILED": "red", "COMPENSATION_FAILED": "bold red",
+    "FAILED": "red", "COMPENSATION_FAILED": "bold red", "FORWARD_FAILED": "bold red",
 }
 
 
@@ -363,16 +365,22 @@ def graph(
 @command(cli, "show")
 @operator_errors
 def show(saga_id: SagaId, as_json: AsJson = False) -> None:
-    """Show one saga: state, steps, its input and step results, and its history."""
-    store = engine().store
-    view = store.get_view(store.resolve_id(saga_id))
+    """Show one saga: state, steps, its input and step results, its history, and why it makes
+    no progress when it is stalled."""
+    current = engine()
+    view = current.view(current.store.resolve_id(saga_id))
     if as_json:
         print_json(view)
         return
+    stalled = " [bold yellow]stalled[/]" if view["stalled"] else ""
     out.print(f"saga [bold]{view['id']}[/] ({view['name']} v{view['version']}, graph "
-              f"{view['fingerprint'] or '?'}): {styled(view['state'])}", soft_wrap=True)
+              f"{view['fingerprint'] or '?'}): {styled(view['state'])}{stalled}", soft_wrap=True)
     if view["error"]:
         out.print(f"error: {view['error']}", markup=False)
+    if view["stalled"]:
+        for step in view["stalled"]["steps"]:
+            out.print(f"stalled: {step['detail']}", markup=False, highlight=False,
+                      soft_wrap=True)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("step", no_wrap=True)
     table.add_column("state", no_wrap=True)
@@ -429,10 +437,14 @@ def list_sagas(
         help="Sagas to skip first (the next page)")] = 0,
     as_json: AsJson = False,
 ) -> None:
-    """List sagas, newest first; whole ids and states at any width."""
-    rows, total = engine().store.list_sagas(
+    """List sagas, newest first; whole ids and states at any width. A live saga that makes no
+    progress says "stalled" (`sagas show ID` says why)."""
+    store = engine().store
+    rows, total = store.list_sagas(
         state=state, name=name, version=version, limit=limit, offset=offset
     )
+    stalled = stalled_among(store, [r["id"] for r in rows], utcnow())
+    rows = [{**r, "stalled": r["id"] in stalled} for r in rows]
     if as_json:
         print_json({"total": total, "items": rows})
         return
@@ -450,7 +462,8 @@ def list_sagas(
         cells = [r["id"], styled(r["state"]), f"{r['name']} v{r['version']}"]
         if wide:
             cells.append(_short_time(r["created_at"]))
-        table.add_row(*cells, r["error"] or "")
+        note = "stalled" if r["stalled"] else ""
+        table.add_row(*cells, ": ".join(t for t in (note, r["error"] or "") if t))
     out.print(table)
 
 
@@ -494,7 +507,7 @@ def _operate(saga_id: str, act: Callable[[Sagas, str], Decision]) -> None:
 @command(cli, "retry")
 @operator_errors
 def retry(saga_id: SagaId) -> None:
-    """Resume a COMPENSATION_FAILED saga, or re-drive a stalled one."""
+    """Resume a parked saga (COMPENSATION_FAILED, FORWARD_FAILED), or re-drive a stalled one."""
     _operate(saga_id, lambda current, found: current.retry(found))
 
 

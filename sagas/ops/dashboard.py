@@ -34,24 +34,28 @@ from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, or_, select
 
+from sagas.coordinator import REDRIVEN
 from sagas.definition import Saga
 from sagas.engine import Sagas
 from sagas.errors import SagaNotFoundError, SagaStateError
 from sagas.ops.api import AdminAuth
 from sagas.ops.bounds import MAX_OFFSET, MAX_VERSION
 from sagas.runtime.message import step_task_id
+from sagas.runtime.stalls import Stall, StallReason, stalled_clause
+from sagas.settings import SagaSettings
 from sagas.store.sql import _iso, sagas_t, utcnow
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"])
 
 SAGA_STATES = ("PENDING", "WAITING", "RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED",
-               "COMPENSATION_FAILED")
+               "COMPENSATION_FAILED", "FORWARD_FAILED")
 LIVE_STATES = ("PENDING", "RUNNING", "COMPENSATING")
 """States in which a saga has work in flight: past its stall deadline it is stalled."""
-SETTLED_STATES = ("COMPLETED", "COMPENSATED", "COMPENSATION_FAILED")
+SETTLED_STATES = ("COMPLETED", "COMPENSATED", "COMPENSATION_FAILED", "FORWARD_FAILED")
 _ACTION_END = {"SUCCEEDED": "succeeded", "FAILED": "failed"}
 _COMP_END = {"COMPENSATED": "compensated", "COMPENSATION_FAILED": "compensation_failed"}
-REDRIVE_PREFIX = "re-driven"
+RECOVERY_CAUSES = ("Redrive", "RetryRequested")
+"""Causes of a step's same-state move that sent it again (recovery's, an operator's)."""
 CANCEL_REASON = "cancelled by operator from the dashboard"
 
 ENGINE_STATE = "sagas_engine"
@@ -142,11 +146,11 @@ def api_sagas(
     """Sagas newest first with age and duration, counts per state (over all sagas), names."""
     engine = _engine(request)
     now = utcnow()
+    is_stalled = stalled_clause(now)
     query = select(sagas_t.c.id, sagas_t.c.name, sagas_t.c.definition_version, sagas_t.c.state,
                    sagas_t.c.error, sagas_t.c.created_at, sagas_t.c.updated_at,
-                   sagas_t.c.stall_deadline)
+                   is_stalled.label("stalled"))
     total = select(func.count()).select_from(sagas_t)
-    is_stalled = sagas_t.c.state.in_(LIVE_STATES) & (sagas_t.c.stall_deadline < now)
     filters = []
     if state:
         filters.append(sagas_t.c.state == state)
@@ -182,7 +186,6 @@ def api_sagas(
 
 def _summary(row: Any, now: datetime) -> dict[str, Any]:
     created, updated = _aware(row.created_at), _aware(row.updated_at)
-    deadline = _aware(row.stall_deadline)
     settled = row.state in SETTLED_STATES
     end = (updated or now) if settled else now
     return {
@@ -191,7 +194,7 @@ def _summary(row: Any, now: datetime) -> dict[str, Any]:
         "created_at": _iso(created), "updated_at": _iso(updated),
         "age_s": (now - created).total_seconds() if created else None,
         "duration_s": (end - created).total_seconds() if created else None,
-        "stalled": bool(row.state in LIVE_STATES and deadline is not None and deadline < now),
+        "stalled": bool(row.stalled),
     }
 
 
@@ -212,12 +215,9 @@ def api_saga(
     except SagaNotFoundError:
         raise HTTPException(404, f"no saga with id {saga_id!r}") from None
     now = utcnow()
-    with engine.store.read() as conn:
-        deadline = _aware(conn.execute(
-            select(sagas_t.c.stall_deadline).where(sagas_t.c.id == saga_id)).scalar())
     saga = engine.sagas.get(view["name"])
     flower = engine.settings.flower_url.rstrip("/")
-    stall = stall_of(view, deadline, now, tzo)
+    stall = stall_of(engine.stall(saga_id, now), engine.settings, tzo)
     entries = timeline(view, flower)
     picture = draw_graph(view, saga, stall, width)
     view["graph"] = graph(view, saga)
@@ -235,18 +235,36 @@ def api_saga(
     return view
 
 
-def stall_of(view: dict[str, Any], deadline: datetime | None, now: datetime,
-             tz_offset: int = 0) -> dict[str, Any] | None:
-    """Why a live saga past its stall deadline is stalled, and which steps wait; else None."""
-    if view["state"] not in LIVE_STATES or deadline is None or deadline >= now:
+def stall_of(stall: Stall | None, settings: SagaSettings, tz_offset: int = 0
+             ) -> dict[str, Any] | None:
+    """Why a live saga makes no progress (``Sagas.stall``, read from its log), as the page
+    shows it: a sentence per stalled step, a short reason for each box, and the deadline that
+    passed (a marker on the timeline) when recovery has not acted yet; else None."""
+    if stall is None:
         return None
-    times = [t for t in (_parse(e["at"]) for e in view["events"]) if t is not None]
-    since = max(times) if times else (_parse(view["updated_at"]) or deadline)
-    steps = [s["name"] for s in view["steps"] if s["state"] in ("RUNNING", "COMPENSATING")]
+
+    def clock(at: datetime) -> str:
+        return _clock(at, tz_offset)
+
+    overdue = [s.next_look for s in stall.steps if s.reason is StallReason.OVERDUE]
     return {
-        "since": _iso(since), "deadline": _iso(deadline), "steps": steps,
-        "reason": f"no progress since {_clock(since, tz_offset)}; recovery re-drives it",
+        "since": _iso(stall.since), "deadline": _iso(min(overdue)) if overdue else None,
+        "steps": [s.step for s in stall.steps],
+        "reasons": {s.step: _box_reason(s.reason, s.queue, s.looks, clock(s.since))
+                    for s in stall.steps},
+        "kinds": {s.step: str(s.reason) for s in stall.steps},
+        "reason": stall.reason(settings, clock),
     }
+
+
+def _box_reason(reason: StallReason, queue: str | None, looks: int, since: str) -> str:
+    """What a stalled step's box says (its first clause on one line, the rest below)."""
+    if reason is StallReason.QUEUED:
+        return f"queued on {queue!r} since {since}; no worker has taken it"
+    if reason is StallReason.REDRIVEN:
+        times = "once" if looks == 1 else f"{looks} times"
+        return f"no progress since {since}; re-driven {times}"
+    return f"no progress since {since}; recovery re-drives it"
 
 
 def actions(view: dict[str, Any], saga: Saga | None, stall: dict[str, Any] | None
@@ -255,11 +273,14 @@ def actions(view: dict[str, Any], saga: Saga | None, stall: dict[str, Any] | Non
     state = view["state"]
     if state == "COMPENSATION_FAILED":
         retry = {"allowed": True, "why": "resume the parked rollback"}
+    elif state == "FORWARD_FAILED":
+        retry = {"allowed": True, "why": "send the failed steps again (a fresh forward budget)"}
     elif stall is not None:
         retry = {"allowed": True, "why": "re-drive the stalled saga now"}
     else:
         retry = {"allowed": False,
-                 "why": "only a parked (COMPENSATION_FAILED) or stalled saga is retried"}
+                 "why": "only a parked (COMPENSATION_FAILED, FORWARD_FAILED) or stalled saga "
+                        "is retried"}
     steps = {s["name"]: s["state"] for s in view["steps"]}
     pivot = saga.pivot if saga is not None else None
     if state not in ("PENDING", "WAITING", "RUNNING"):
@@ -315,11 +336,16 @@ def timeline(view: dict[str, Any], flower: str) -> list[dict[str, Any]]:
     """Every attempt and compensation from the saga's history, in the order they started.
 
     An attempt that a re-drive replaced ends with outcome ``redriven``; the attempt the re-drive
-    dispatched has ``redrive`` true.
+    dispatched has ``redrive`` true. An outcome is credited to the attempt the history names:
+    when an older delivery's outcome came first (a slow first delivery that succeeded after a
+    re-drive), that delivery's bar (and its task) gets it, and the newer one is ``superseded``.
+    A re-drive recovery held (its message still waited in the broker) starts no bar: the bar in
+    flight counts it in ``held``.
     """
     entries: list[dict[str, Any]] = []
     open_: dict[tuple[str, str], dict[str, Any]] = {}
     dispatched: dict[tuple[str, str], int] = {}
+    by_attempt: dict[tuple[str, str, int], dict[str, Any]] = {}
 
     def start(step: str, phase: str, attempt: int, at: str | None, redispatch: bool,
               redrive: bool) -> None:
@@ -329,14 +355,24 @@ def timeline(view: dict[str, Any], flower: str) -> list[dict[str, Any]]:
         task_id = step_task_id(view["id"], step, phase, dispatched[key])
         entry = {"step": step, "phase": phase, "attempt": attempt, "started_at": at,
                  "ended_at": None, "outcome": "running", "error": None, "task_id": task_id,
-                 "flower": f"{flower}/task/{task_id}", "redrive": redrive}
+                 "flower": f"{flower}/task/{task_id}", "redrive": redrive, "held": 0}
         entries.append(entry)
         open_[key] = entry
+        by_attempt[(step, phase, attempt)] = entry
 
-    def end(step: str, phase: str, outcome: str, at: str | None, error: str | None) -> None:
-        entry = open_.pop((step, phase), None)
-        if entry is not None:
-            entry.update(ended_at=at, outcome=outcome, error=error)
+    def end(step: str, phase: str, outcome: str, at: str | None, error: str | None,
+            attempt: int) -> None:
+        key = (step, phase)
+        current = open_.pop(key, None)
+        credited = by_attempt.get((step, phase, attempt))
+        if credited is None or credited is current:
+            if current is not None:
+                current.update(ended_at=at, outcome=outcome, error=error)
+            return
+        credited.update(ended_at=at, outcome=outcome, error=error)
+        if current is not None:  # it may still run; its outcome no longer decides anything
+            current.update(ended_at=at, outcome="superseded",
+                           error=f"attempt {attempt} ended first")
 
     for e in view["events"]:
         step, src, dst, at = e["step"], e["from_state"], e["to_state"], e["at"]
@@ -345,20 +381,24 @@ def timeline(view: dict[str, Any], flower: str) -> list[dict[str, Any]]:
         if dst in ("RUNNING", "COMPENSATING"):
             phase = "action" if dst == "RUNNING" else "compensation"
             again = src == dst
-            redrive = (e["error"] or "").startswith(REDRIVE_PREFIX)
+            current = open_.get((step, phase))
+            if again and current is not None and e["attempt"] <= current["attempt"]:
+                current["held"] += 1  # recovery held it: no new message
+                continue
+            redrive = again and (e.get("cause") in RECOVERY_CAUSES or e["error"] == REDRIVEN)
             if again:
                 end(step, phase, "redriven" if redrive else "retry", at,
-                    None if redrive else e["error"])
+                    None if redrive else e["error"], current["attempt"] if current else 0)
             start(step, phase, e["attempt"], at, redispatch=not again or redrive,
                   redrive=redrive)
         elif dst in _ACTION_END:
-            end(step, "action", _ACTION_END[dst], at, e["error"])
+            end(step, "action", _ACTION_END[dst], at, e["error"], e["attempt"])
         elif dst in _COMP_END:
-            end(step, "compensation", _COMP_END[dst], at, e["error"])
+            end(step, "compensation", _COMP_END[dst], at, e["error"], e["attempt"])
         elif dst == "SKIPPED":
             entries.append({"step": step, "phase": "skipped", "attempt": 0, "started_at": at,
                             "ended_at": at, "outcome": "skipped", "error": None,
-                            "task_id": None, "flower": None, "redrive": False})
+                            "task_id": None, "flower": None, "redrive": False, "held": 0})
     return entries
 
 
@@ -469,6 +509,7 @@ SAGA_PAINT: dict[str, Paint] = {
     "COMPENSATING": STEP_PAINT["COMPENSATING"], "COMPLETED": STEP_PAINT["SUCCEEDED"],
     "COMPENSATED": STEP_PAINT["COMPENSATED"],
     "COMPENSATION_FAILED": STEP_PAINT["COMPENSATION_FAILED"],
+    "FORWARD_FAILED": STEP_PAINT["COMPENSATION_FAILED"],
 }
 STALL_COLOUR = "#f59e0b"
 EDGE_COLOUR = "#52606d"
@@ -744,9 +785,11 @@ def draw_graph(view: dict[str, Any], saga: Saga | None, stall: dict[str, Any] | 
     steps = {s["name"]: s for s in view["steps"]}
     parents = _parents_of(view, saga)
     stalled_steps = set(stall["steps"]) if stall else set()
-    reason = stall["reason"] if stall else None
-    lines = {n: _node_lines(steps[n], bool(saga and saga.pivot == n),
-                            reason if n in stalled_steps else None) for n in names}
+    reasons: dict[str, str] = dict(stall.get("reasons") or {}) if stall else {}
+    for n in stalled_steps:
+        reasons.setdefault(n, stall["reason"] if stall else "")
+    lines = {n: _node_lines(steps[n], bool(saga and saga.pivot == n), reasons.get(n))
+             for n in names}
     sizes = {n: _box_size(lines[n]) for n in names}
     if not names:
         return Picture("<svg xmlns='http://www.w3.org/2000/svg' width='0' height='0'></svg>",
@@ -777,6 +820,7 @@ def draw_graph(view: dict[str, Any], saga: Saga | None, stall: dict[str, Any] | 
         pivot = bool(saga and saga.pivot == n)
         in_flight = state in ("RUNNING", "COMPENSATING")
         stalled = n in stalled_steps
+        reason = reasons.get(n)
         classes = ["node"] + [c for c, on in (("pivot", pivot), ("in-flight", in_flight),
                                                ("stalled", stalled), ("join", n in joins)) if on]
         attrs = f'class="{" ".join(classes)}" data-step="{_esc(n)}" data-state="{_esc(state)}"'
@@ -787,6 +831,15 @@ def draw_graph(view: dict[str, Any], saga: Saga | None, stall: dict[str, Any] | 
             title += f"; after {', '.join(parents[n])}"
         if step.get("error"):
             title += f"\n{step['error']}"
+        for label, start_key, end_key in (
+                ("action", "started_at", "finished_at"),
+                ("compensation", "compensation_started_at", "compensation_finished_at")):
+            began, ended = _parse(step.get(start_key)), _parse(step.get(end_key))
+            if began is not None:
+                title += f"\n{label}: sent {_clock(began, 0)}"
+                if ended is not None:
+                    took = duration_text((ended - began).total_seconds())
+                    title += f", ended {_clock(ended, 0)} ({took})"
         if stalled and reason:
             title += f"\nstalled: {reason}"
         out.append(f"<g {attrs}><title>{_esc(title)}</title>")
@@ -825,11 +878,13 @@ BAR_PAINT: dict[tuple[str, str], Paint] = {
     ("action", "failed"): Paint("#b91c1c", "#ffffff", "#6f1010"),
     ("action", "retry"): Paint("#a16207", "#ffffff", "#5c3700"),
     ("action", "redriven"): Paint("#52606d", "#ffffff", "#323f4b"),
+    ("action", "superseded"): Paint("#4b5563", "#ffffff", "#1f2933"),
     ("action", "running"): Paint("#1d4ed8", "#ffffff", "#1e3a8a"),
     ("compensation", "compensated"): Paint("#6d28d9", "#ffffff", "#3b0f80"),
     ("compensation", "compensation_failed"): Paint("#7f1d1d", "#ffffff", "#3d0a0a"),
     ("compensation", "retry"): Paint("#a21caf", "#ffffff", "#5b0f63"),
     ("compensation", "redriven"): Paint("#52606d", "#ffffff", "#323f4b"),
+    ("compensation", "superseded"): Paint("#4b5563", "#ffffff", "#1f2933"),
     ("compensation", "running"): Paint("#c2410c", "#ffffff", "#6b2406"),
     ("skipped", "skipped"): Paint("#616e7c", "#ffffff", "#3e4c59"),
 }
@@ -838,6 +893,7 @@ TIMELINE_LEGEND = [
     [BAR_PAINT["action", "failed"].fill, "failed"],
     [BAR_PAINT["action", "retry"].fill, "retried"],
     [BAR_PAINT["action", "redriven"].fill, "no progress, re-driven"],
+    [BAR_PAINT["action", "superseded"].fill, "an older attempt ended first"],
     [BAR_PAINT["action", "running"].fill, "running"],
     [BAR_PAINT["compensation", "compensated"].fill, "undone"],
     [BAR_PAINT["compensation", "retry"].fill, "undo retried"],
@@ -846,7 +902,7 @@ TIMELINE_LEGEND = [
 ]
 MARKER_INK = {
     "failure": "#b91c1c", "cancel": "#9a3412", "deadline": "#9a3412", "retry": "#1d4ed8",
-    "redrive": "#52606d", "parked": "#7f1d1d", "completed": "#17693a",
+    "redrive": "#52606d", "held": "#92400e", "parked": "#7f1d1d", "completed": "#17693a",
     "compensated": "#6d28d9", "now": "#323f4b", "stalled": "#92400e",
 }
 ROW_H = 28
@@ -868,6 +924,8 @@ def markers(view: dict[str, Any]) -> list[Marker]:
     out: list[Marker] = []
     failed_step: str | None = None
     redrives: dict[datetime, list[str]] = {}
+    holds: dict[datetime, list[str]] = {}
+    attempts: dict[tuple[str, str], int] = {}
     for e in view["events"]:
         at = _parse(e["at"])
         if at is None:
@@ -876,8 +934,12 @@ def markers(view: dict[str, Any]) -> list[Marker]:
         if step is not None:
             if dst == "FAILED":
                 failed_step = step
-            if error.startswith(REDRIVE_PREFIX):
+            key = (step, dst)
+            if src == dst and e["attempt"] <= attempts.get(key, 0):
+                holds.setdefault(at, []).append(step)
+            elif src == dst and (e.get("cause") in RECOVERY_CAUSES or error == REDRIVEN):
                 redrives.setdefault(at, []).append(step)
+            attempts[key] = max(attempts.get(key, 0), int(e["attempt"]))
             continue
         if dst == "COMPENSATING" and src in ("PENDING", "RUNNING"):
             if error.startswith("cancelled"):
@@ -889,7 +951,10 @@ def markers(view: dict[str, Any]) -> list[Marker]:
                 out.append(Marker("failure", at, what, error))
         elif dst == "COMPENSATING" and src == "COMPENSATION_FAILED":
             out.append(Marker("retry", at, "retry requested", "an operator resumed the rollback"))
-        elif dst == "COMPENSATION_FAILED":
+        elif dst == "RUNNING" and src == "FORWARD_FAILED":
+            out.append(Marker("retry", at, "retry requested",
+                              "an operator sent the failed steps again"))
+        elif dst in ("COMPENSATION_FAILED", "FORWARD_FAILED"):
             out.append(Marker("parked", at, "parked", error))
         elif dst == "COMPLETED":
             out.append(Marker("completed", at, "completed", ""))
@@ -897,6 +962,9 @@ def markers(view: dict[str, Any]) -> list[Marker]:
             out.append(Marker("compensated", at, "compensated", ""))
     for at, steps in redrives.items():
         out.append(Marker("redrive", at, "re-drive", "re-driven: " + ", ".join(steps)))
+    for at, steps in holds.items():
+        out.append(Marker("held", at, "held", "not re-driven, its message still waits in the "
+                          "broker: " + ", ".join(steps)))
     return sorted(out, key=lambda m: m.at)
 
 
@@ -1095,6 +1163,9 @@ def draw_timeline(view: dict[str, Any], entries: list[dict[str, Any]], now: date
             title += f" {entry['attempt']}, {outcome.replace('_', ' ')}, {duration_text(took)}"
         if entry.get("redrive"):
             title += " (dispatched again by a re-drive)"
+        if entry.get("held"):
+            title += (f" (recovery held {entry['held']} re-drive(s): its message still waited "
+                      "in the broker)")
         if entry.get("error"):
             title += f"\n{entry['error']}"
         redrive = ' data-redrive="true"' if entry.get("redrive") else ""

@@ -29,6 +29,10 @@ class Binding:
     engine: Any = None  # the public ``Sagas`` object that owns this binding
     # Where decided dispatches go instead of the broker (``sagas.testing`` runs them in-process).
     publisher: Callable[[Binding, Saga, Any, list[Any]], None] | None = None
+    # ... and where revokes go (``sagas.runtime.revoke``), and what recovery asks about the
+    # messages waiting in a queue (``sagas.runtime.waiting``); None: the app's broker.
+    revoker: Callable[[Binding, list[str]], None] | None = None
+    probe: Callable[[Sequence[str]], dict[str, Any]] | None = None
     _stores: dict[str, Store] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -28,6 +28,7 @@ from celery.utils.objects import Bunch
 from kombu.exceptions import ContentDisallowed
 from vine import promise  # type: ignore[import-untyped]
 
+from sagas.runtime import revoke
 from sagas.runtime.binding import binding_of
 from sagas.runtime.poison import PoisonReason, refuse
 from sagas.store.dead_letters import DeadLetter
@@ -52,6 +53,14 @@ class PoisonAwareConsumer:
     connection_errors: Any
     event_dispatcher: Any
     hostname: str
+
+    # --- the connection -----------------------------------------------------------------------
+    def connect(self) -> Any:
+        """Celery's connect, remembered: revokes broadcast before it never reached this worker
+        (``sagas.runtime.revoke``)."""
+        conn = super().connect()  # type: ignore[misc]
+        revoke.connected()
+        return conn
 
     # --- Celery's four refusals -------------------------------------------------------------
     def on_decode_error(self, message: Any, exc: Exception) -> None:

@@ -10,6 +10,7 @@ step, like a plain chain.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Celery
@@ -73,7 +74,7 @@ def build_signature(
         saga_id=snap.id, saga=saga.name, step=dispatch.step, phase=dispatch.phase,
         attempt=dispatch.attempt, version=saga.version,
         after_pivot=dispatch.step in saga.after_pivot,
-        inline=inline, input=snap.input, results=snap.results(),
+        inline=inline, input=snap.input, results=snap.results(), sent=time.time(),
         locks=saga.lock_keys(snap.input) if saga.locks is not None else (),
     )
     return app.signature(name, args=(context,), **options)

@@ -86,7 +86,8 @@ class SagaHandle:
 
     def wait(self, timeout: float = 60.0, *, poll: float = 0.02, poll_max: float = 0.5
              ) -> SagaOutcome:
-        """Block until the saga settles (COMPLETED, COMPENSATED or COMPENSATION_FAILED).
+        """Block until the saga settles (COMPLETED, COMPENSATED, or parked: COMPENSATION_FAILED,
+        FORWARD_FAILED).
 
         Polls the store with a growing interval (``poll`` up to ``poll_max``); raises
         ``SagaTimeoutError`` after ``timeout`` seconds (the saga goes on) and

@@ -30,6 +30,7 @@ class StepContext(BaseModel):
     version: int = 1  # the saga definition's version this instance runs on
     after_pivot: bool = False
     inline: bool = False
+    sent: float = 0.0  # when it was dispatched (epoch seconds; see sagas.runtime.revoke)
     input: dict[str, Any] = Field(default_factory=dict)
     results: dict[str, Any] = Field(default_factory=dict)
     locks: list[str] = Field(default_factory=list)  # the semantic locks its saga holds
@@ -47,6 +48,7 @@ class StepContext(BaseModel):
         inline: bool,
         input: dict[str, Any],
         results: dict[str, Any],
+        sent: float = 0.0,
         locks: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """The message body (a plain JSON object: what Celery serialises and Flower shows)."""
@@ -54,7 +56,7 @@ class StepContext(BaseModel):
             "saga_id": saga_id, "saga": saga, "step": step, "phase": phase, "attempt": attempt,
             "version": version,
             "idempotency_key": idempotency_key(saga_id, step), "after_pivot": after_pivot,
-            "inline": inline, "input": input, "results": results,
+            "inline": inline, "sent": sent, "input": input, "results": results,
             **({"locks": list(locks)} if locks else {}),
         }
 

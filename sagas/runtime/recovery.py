@@ -8,6 +8,12 @@ limit of what is in flight). The reconciler here looks only at sagas past that d
 indexed range scan, off the hot path) and re-publishes their in-flight steps with the same
 idempotency keys, so a participant that already applied the effect only reports it again.
 
+A step whose message still waits in the broker (no worker has taken it: its pool is down or
+busy) is not re-published: recovery asks the broker first (``sagas.runtime.waiting``) and only
+notes the hold. Each re-drive or hold of a step that brings no progress doubles the wait before
+the next look (up to ``recovery_backoff_max``), so an outage of one pool leaves one message per
+stalled step in its queue, not one more per run.
+
 Several reconcilers may run at once (beat on one machine, ``sagas recover`` on another): each
 re-drive is decided under the saga's row lock after re-checking the deadline, and a re-drive sets
 a fresh deadline, so the losers of a race find nothing stale and dispatch nothing.
@@ -24,13 +30,24 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
-from sagas.coordinator import DeadlinePassed, Event, Ignored, IgnoreKind, Redrive, SagaSnapshot
+from sagas.coordinator import (
+    ACTION,
+    COMPENSATION,
+    DeadlinePassed,
+    Event,
+    Ignored,
+    IgnoreKind,
+    Redrive,
+    SagaSnapshot,
+)
 from sagas.errors import OutageKind, StoreUnavailableError, outage_of
+from sagas.runtime import waiting
 from sagas.runtime.binding import Binding
 from sagas.runtime.dispatch import RECOVER_TASK
-from sagas.runtime.transitions import apply_event, stall_deadline
+from sagas.runtime.message import step_task_id
+from sagas.runtime.transitions import apply_event, stall_deadline, step_span
 from sagas.settings import SagaSettings
-from sagas.states import SagaState
+from sagas.states import SagaState, StepState
 from sagas.store.sql import sagas_t, utcnow
 
 log = logging.getLogger("sagas.recovery")
@@ -65,6 +82,8 @@ class RecoveryReport:
     stalled: int = 0  # past their deadline with work in flight that made no progress
     rescheduled: int = 0  # past the saga row's deadline, but busy: looked at again later
     redriven: list[str] = field(default_factory=list)
+    # stalled, but every stalled step's message still waits in the broker: not sent again
+    held: list[str] = field(default_factory=list)
     deadline_compensated: list[str] = field(default_factory=list)
     skipped: int = 0  # fresh again under the lock (another reconciler won) or nothing to do
     errors: list[str] = field(default_factory=list)
@@ -78,6 +97,7 @@ class RecoveryReport:
             f"recovery: {self.stalled} stalled, {verb} {len(self.redriven)}, "
             f"{len(self.deadline_compensated)} past their deadline compensating, "
             f"{self.skipped} skipped, {len(self.errors)} errors, "
+            f"{len(self.held)} held (their messages still wait in the broker), "
             f"{self.rescheduled} busy (looked at later); "
             f"most overdue {self.max_overdue_s:.1f}s; took {self.duration_s:.2f}s"
         )
@@ -152,14 +172,53 @@ def _still_overdue(saga_id: str, now: datetime) -> Precondition:
     return check
 
 
-def _really_stalled(binding: Binding, candidates: list[str], now: datetime) -> list[str]:
+def _really_stalled(
+    binding: Binding, candidates: list[str], now: datetime
+) -> dict[str, SagaSnapshot]:
     """Of sagas past their row's deadline, those whose work in flight is really overdue."""
-    found = []
+    found = {}
     for saga_id, snap in binding.store.read_outcomes(candidates).items():
         due = stall_deadline(binding.settings, binding.find(snap.name, snap.version), snap)
         if snap.state is SagaState.PENDING or (due is not None and due < now):
-            found.append(saga_id)
+            found[saga_id] = snap
     return found
+
+
+_IN_FLIGHT = {StepState.RUNNING: ACTION, StepState.COMPENSATING: COMPENSATION}
+
+
+def queued_steps(binding: Binding, snaps: dict[str, SagaSnapshot]) -> dict[str, tuple[str, ...]]:
+    """Per saga, its steps in flight whose message still waits in the broker, or that a worker
+    took less than the step's span ago (one look per queue): re-publishing them would only add
+    a duplicate behind the message already there, or beside the delivery just begun."""
+    wanted: dict[str, list[tuple[str, str, list[str], float]]] = {}
+    now = time.time()
+    for saga_id, snap in snaps.items():
+        definition = binding.find(snap.name, snap.version)
+        for step in snap.steps.values():
+            phase = _IN_FLIGHT.get(step.state)
+            spec = definition.steps.get(step.name) if definition is not None else None
+            if phase is None or spec is None:
+                continue
+            ids = [step_task_id(saga_id, step.name, phase, n)
+                   for n in range(1, step.attempt_of(phase) + 1)]
+            since = now - step_span(binding.settings, spec)
+            wanted.setdefault(saga_id, []).append((step.name, spec.target_queue, ids, since))
+    if not wanted:
+        return {}
+    items = [item for found in wanted.values() for item in found]
+    looks = waiting.look(binding, [q for _, q, _, _ in items],
+                         taken_since=min(since for *_, since in items))
+    out = {}
+    for saga_id, found in wanted.items():
+        held = tuple(
+            name for name, queue, ids, since in found
+            if (queue in looks.queues and looks.queues[queue].holds_any(ids))
+            or looks.taken_since(ids, since)
+        )
+        if held:
+            out[saga_id] = held
+    return out
 
 
 def _forget_deadline(binding: Binding, saga_id: str) -> None:
@@ -185,16 +244,20 @@ def recover_stalled(
     with store.read() as conn:
         overdue = overdue_sagas(conn, now, limit)
         stalled = stalled_sagas(conn, now, limit)
+    due = _really_stalled(binding, [saga_id for saga_id, _ in stalled], now) if stalled else {}
+    queued = queued_steps(binding, due)
     if dry_run:
-        report.redriven = _really_stalled(binding, [saga_id for saga_id, _ in stalled], now)
-        report.stalled = len(report.redriven)
+        report.redriven = [s for s in due if s not in queued]
+        report.held = [s for s in due if s in queued]
+        report.stalled = len(due)
         report.rescheduled = len(stalled) - report.stalled
         report.deadline_compensated = overdue
         report.duration_s = time.monotonic() - started
         return report
     work: list[tuple[str, Event, Precondition]] = [
         (saga_id, DeadlinePassed(), _still_overdue(saga_id, now)) for saga_id in overdue
-    ] + [(saga_id, Redrive(), _still_stalled(binding, now, report)) for saga_id, _ in stalled]
+    ] + [(saga_id, Redrive(queued=queued.get(saga_id, ())), _still_stalled(binding, now, report))
+         for saga_id, _ in stalled]
     for saga_id, event, precondition in work:
         try:
             decision = apply_event(binding, saga_id, event, precondition=precondition)
@@ -218,12 +281,18 @@ def recover_stalled(
                 _forget_deadline(binding, saga_id)
         elif isinstance(event, DeadlinePassed):
             report.deadline_compensated.append(saga_id)
-        else:
+        elif decision.dispatches:
             report.stalled += 1
             report.redriven.append(saga_id)
             log.warning("saga %s made no progress past its deadline: re-driven (%s)", saga_id,
                         ", ".join(f"{d.step}:{d.phase}#{d.attempt}" for d in decision.dispatches))
+        else:
+            report.stalled += 1
+            report.held.append(saga_id)
+            log.info("saga %s made no progress past its deadline: not re-driven, its message "
+                     "still waits in the broker (%s)", saga_id,
+                     ", ".join(queued.get(saga_id, ())))
     report.duration_s = time.monotonic() - started
-    if report.redriven or report.deadline_compensated or report.errors:
+    if report.redriven or report.deadline_compensated or report.errors or report.held:
         log.warning(report.summary())
     return report

@@ -33,12 +33,13 @@ from sagas.coordinator import (
     decide,
     decide_success_alone,
 )
-from sagas.definition import LockPolicy, Saga
+from sagas.definition import LockPolicy, Saga, Step
 from sagas.errors import OutageKind, SagaLockedError, SagaNotFoundError, outage_of
 from sagas.observe.listeners import notify, refused_event
 from sagas.runtime.binding import Binding
-from sagas.runtime.dispatch import publish
+from sagas.runtime.dispatch import TIME_LIMIT_HARD_MARGIN, publish
 from sagas.runtime.message import StepContext
+from sagas.runtime.revoke import revoke
 from sagas.settings import SagaSettings
 from sagas.states import SAGA_SETTLED, SAGA_TERMINAL, SagaState, StepState
 from sagas.store import locks, outages
@@ -53,8 +54,7 @@ def stall_deadline(
 ) -> datetime | None:
     """When recovery should look at this saga if nothing more is heard from it.
 
-    Each step in flight is due by the time it was sent, plus the delay it was sent with, plus
-    its time limit (``step_timeout`` when it has none); the saga is due when its last one is.
+    Each step in flight is due by ``step_due``; the saga is due when its last one is.
     """
     if snap.state in SAGA_SETTLED:
         return None
@@ -62,12 +62,39 @@ def stall_deadline(
     for step in snap.steps.values():
         if step.state not in (StepState.RUNNING, StepState.COMPENSATING):
             continue
-        spec = saga.steps.get(step.name) if saga is not None else None
-        limit = (spec.time_limit if spec is not None else None) or settings.step_timeout
-        sent = step.since or store_sql.utcnow()  # the module's clock: sagas.testing moves it
-        at = sent + timedelta(seconds=limit + step.countdown)
+        at = step_due(settings, saga, step)
         due = at if due is None or at > due else due
     return due
+
+
+def step_span(settings: SagaSettings, spec: Step | None) -> float:
+    """How long a delivery of ``spec`` may take before recovery may send another.
+
+    A step with a time limit is killed by Celery at its hard limit (``TIME_LIMIT_HARD_MARGIN``
+    past it): past that plus ``recovery_grace`` (for the kill's failure callback to arrive)
+    no delivery can still be running. Nothing bounds a step without one: ``step_timeout``.
+    """
+    limit = spec.time_limit if spec is not None else None
+    if limit:
+        return limit + TIME_LIMIT_HARD_MARGIN + settings.recovery_grace
+    return settings.step_timeout
+
+
+def redrive_wait(span: float, redrives: int, ceiling: float) -> float:
+    """Seconds after a step's last move before recovery looks again: its span at first, then
+    doubling with each re-drive (or hold) that brought no progress, up to ``ceiling``."""
+    if redrives <= 0:
+        return span
+    return max(span, min(ceiling, span * 2.0 ** min(redrives, 32)))
+
+
+def step_due(settings: SagaSettings, saga: Saga | None, step: StepSnapshot) -> datetime:
+    """When a step in flight is overdue: sent at ``since``, plus the delay it was sent with,
+    plus its span (backed off by recovery's notes since its last progress)."""
+    spec = saga.steps.get(step.name) if saga is not None else None
+    wait = redrive_wait(step_span(settings, spec), step.redrives, settings.recovery_backoff_max)
+    sent = step.since or store_sql.utcnow()  # the module's clock: sagas.testing moves it
+    return sent + timedelta(seconds=wait + step.countdown)
 
 
 def _moved(snap: SagaSnapshot, decision: Decision) -> None:
@@ -308,6 +335,7 @@ def apply_event(
     if decision.ignored:
         log.info("saga %s: %s ignored: %s", saga_id, type(event).__name__, decision.ignored)
     notify(snap, decision, event, started_at)  # listeners, after the commit
+    revoke(binding, snap, decision.revokes)  # before the compensations it may overtake
     (binding.publisher or publish)(binding, definition, snap, decision.dispatches)
     for waiter_definition, waiter, waiter_decision, waiter_event in granted:
         notify(waiter, waiter_decision, waiter_event)
@@ -429,7 +457,7 @@ def _require(binding: Binding, saga_id: str) -> None:
 
 
 def retry_saga(binding: Binding, saga_id: str) -> Decision:
-    """Resume a parked (COMPENSATION_FAILED) saga, or re-drive a stalled running one."""
+    """Resume a parked (COMPENSATION_FAILED, FORWARD_FAILED) saga, or re-drive a stalled one."""
     _require(binding, saga_id)
     return apply_event(binding, saga_id, RetryRequested())
 

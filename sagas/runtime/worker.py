@@ -26,13 +26,15 @@ from sagas.coordinator import (
     StepSucceeded,
 )
 from sagas.errors import (
+    ActionRevoked,
     BusinessError,
     DefinitionError,
+    RefusedAfterPivot,
     SagaError,
     StepOutcomeUnknown,
     StoreUnavailableError,
 )
-from sagas.runtime import poison
+from sagas.runtime import poison, revoke
 from sagas.runtime.binding import Binding, binding_of
 from sagas.runtime.dispatch import (
     INLINE_MARK,
@@ -79,7 +81,7 @@ setattr(StepTaskMixin, INLINE_MARK, True)
 class SagaTask(StepTaskMixin, Task):  # type: ignore[misc]
     """A task class for ``task_cls=``; the engine wraps plain tasks the same way by itself."""
 
-    throws = (BusinessError,)
+    throws = (BusinessError, RefusedAfterPivot)
     default_retry_delay = WORKER_LOST_RETRY_DELAY
 
 
@@ -97,9 +99,10 @@ def wrap_step_task(task: Task, step: str | None) -> None:
     if getattr(cls, INLINE_MARK, False):
         return
     extra: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-    throws_business = any(issubclass(BusinessError, t) for t in cls.throws if isinstance(t, type))
-    if step is not None and not throws_business:
-        extra["throws"] = (*cls.throws, BusinessError)
+    expected = [e for e in (BusinessError, RefusedAfterPivot)
+                if not any(issubclass(e, t) for t in cls.throws if isinstance(t, type))]
+    if step is not None and expected:
+        extra["throws"] = (*cls.throws, *expected)
     if step is not None and cls.default_retry_delay == Task.default_retry_delay:
         extra["default_retry_delay"] = WORKER_LOST_RETRY_DELAY
     try:
@@ -129,6 +132,14 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
     step = saga.steps.get(ctx.step) if saga else None
     saga_id, phase = ctx.saga_id, ctx.phase
     attempt = ctx.attempt + int(task.request.retries or 0)
+    if phase == ACTION and revoke.may_have_missed_a_revoke(binding, ctx.sent) and _called_off(
+            binding, saga_id):
+        # Sent before this worker could hear a revoke, and its saga is rolling back: never
+        # run it; the coordinator compensates the step (see sagas.runtime.revoke).
+        log.info("saga %s: %s not run: %s", saga_id, ctx.step, revoke.REVOKED)
+        revoke.report(task.app, binding.settings.saga_queue, str(task.request.id), saga_id,
+                      ctx.step, phase, ctx.attempt)
+        raise Ignore()
     try:
         result = task.run(*args)
     except Retry:
@@ -136,7 +147,10 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
     except Exception as exc:
         if step is not None:
             policy = step.retry if phase == ACTION else step.compensation_retry
-            forward = ctx.after_pivot
+            forward = ctx.after_pivot and phase == ACTION
+            if forward and isinstance(exc, policy.business):
+                # Past the pivot a refusal would only refuse again: the saga parks instead.
+                raise RefusedAfterPivot(describe(exc)) from exc
             if phase == COMPENSATION or forward:
                 retryable = True
             elif isinstance(exc, SoftTimeLimitExceeded):
@@ -197,17 +211,38 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
 
 # Failures that say nothing about whether the step's effect happened (see StepFailed.definite).
 _INDEFINITE = frozenset({
-    StepOutcomeUnknown.__name__, StoreUnavailableError.__name__, "WorkerLostError",
+    StepOutcomeUnknown.__name__, StoreUnavailableError.__name__, ActionRevoked.__name__,
+    "WorkerLostError",
     "TimeLimitExceeded", "Reject",
     "ConnectionError", "OperationalError", "TimeoutError", "BackendStoreError",
     "BackendGetMetaError",
 })
 
 
+def _error_type(error: str) -> str:
+    return error.split(":", 1)[0].strip()
+
+
 def _is_definite(error: str) -> bool:
     if error.startswith("failed ("):  # the detail is lost with the backend: unknown
         return False
-    return error.split(":", 1)[0].strip() not in _INDEFINITE
+    return _error_type(error) not in _INDEFINITE
+
+
+def failure_event(step: str, phase: str, error: str, attempt: int | None = None) -> StepFailed:
+    """A step's failure as the failure handler records it, classified by its error's type."""
+    return StepFailed(
+        step, phase, error, definite=_is_definite(error),  # type: ignore[arg-type]
+        attempt=attempt, business=_error_type(error) == RefusedAfterPivot.__name__,
+    )
+
+
+def _called_off(binding: Binding, saga_id: str) -> bool:
+    """Whether the saga was called off (one read); when the store cannot say, it runs."""
+    try:
+        return revoke.called_off(binding.store, saga_id)
+    except StoreUnavailableError:
+        return False
 
 
 def _failure_of(task: Task, task_id: str) -> str:
@@ -268,11 +303,16 @@ def install(binding: Binding) -> None:
 
     @app.task(name=STEP_FAILED_TASK, bind=True, ignore_result=True, queue=queue, shared=False)  # type: ignore[untyped-decorator]
     def step_failed(
-        self: Task, task_id: str, saga_id: str, step: str, phase: str, attempt: int
+        self: Task, task_id: str, saga_id: str, step: str, phase: str, attempt: int,
+        revoked: bool = False,
     ) -> None:
-        """``link_error`` target; ``bind=True`` makes Celery send it as a message, not inline."""
-        error = _failure_of(self, task_id)
-        failed = StepFailed(step, phase, error, definite=_is_definite(error))  # type: ignore[arg-type]
+        """``link_error`` target; ``bind=True`` makes Celery send it as a message, not inline.
+
+        ``attempt`` is the attempt the failed delivery was sent as (history credits it);
+        ``revoked``: the delivery never ran (``sagas.runtime.revoke``).
+        """
+        error = revoke.revoked_error() if revoked else _failure_of(self, task_id)
+        failed = failure_event(step, phase, error, attempt)
         try:
             apply_event(binding, saga_id, failed)
         except StoreUnavailableError as exc:

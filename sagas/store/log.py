@@ -21,12 +21,16 @@ from typing import Any
 from sagas.coordinator import (
     COMPENSATION_STATES,
     Decision,
+    RetryRequested,
     SagaSnapshot,
     StepSnapshot,
     Transition,
+    account,
 )
 from sagas.states import SagaState, StepState, can_transition_step
 
+OPERATOR_RETRY = RetryRequested.__name__
+"""The cause of an operator's retry (it grants a parked step a fresh forward budget)."""
 GRAPH_CAUSES = frozenset({"Started", "Recorded", "Migrated"})
 """Causes of a saga's first log row, which names the instance's steps in its ``result``."""
 
@@ -128,6 +132,8 @@ def _named_steps(entries: Sequence[LogEntry]) -> list[str] | None:
 
 def apply_transition(step: StepSnapshot, t: Transition, entry: LogEntry) -> None:
     target = StepState(t.to_state)
+    before = step.compensation_attempts if target in COMPENSATION_STATES else step.attempts
+    account(step, t, before, operator=entry.cause == OPERATOR_RETRY)
     step.state = target
     if target in COMPENSATION_STATES:
         step.compensation_attempts = max(step.compensation_attempts, t.attempt)

@@ -26,6 +26,7 @@ _SAGA_EVENTS = {
     "COMPLETED": "saga.completed",
     "COMPENSATED": "saga.compensated",
     "COMPENSATION_FAILED": "saga.parked",
+    "FORWARD_FAILED": "saga.parked",
 }
 _STEP_EVENTS = {
     "SUCCEEDED": "step.succeeded",

@@ -705,8 +705,8 @@ class Store:
         """Per saga name, version and fingerprint: instances in flight (live or parked) and all."""
         live = sagas_t.c.state.in_(
             [str(SagaState.PENDING), str(SagaState.WAITING), str(SagaState.RUNNING),
-             str(SagaState.COMPENSATING),
-             str(SagaState.COMPENSATION_FAILED)]
+             str(SagaState.COMPENSATING), str(SagaState.COMPENSATION_FAILED),
+             str(SagaState.FORWARD_FAILED)]
         )
         query = (
             select(sagas_t.c.name, sagas_t.c.definition_version, sagas_t.c.definition_fingerprint,

@@ -15,6 +15,8 @@ import pytest
 
 from sagas.definition import Saga, Step
 from sagas.ops import dashboard as d
+from sagas.runtime.stalls import Stall, StallReason, StepStall
+from sagas.settings import SagaSettings
 from tests.browser.support import ARTIFACTS, PICTURES, contrast, js
 
 T0 = datetime(2025, 1, 2, 9, 30, tzinfo=UTC)
@@ -136,11 +138,13 @@ def test_graphs_in_every_state_keep_labels_in_boxes_and_edges_off_them(
 ):
     saga = SAGAS[shape]
     view = view_of(saga, STATES)
-    stall = d.stall_of(dict(view, state="RUNNING"), T0 + timedelta(seconds=30),
-                       T0 + timedelta(minutes=5))
-    assert stall is not None and stall["reason"].startswith("no progress since 09:30:51 UTC")
     stalled = saga.order[2]  # marked on a box in a crowded layer
-    stall["steps"] = [stalled]
+    stall = d.stall_of(Stall((StepStall(
+        stalled, "action", "q", StallReason.OVERDUE, since=T0 + timedelta(seconds=21), looks=0,
+        next_look=T0 + timedelta(seconds=51), time_limit=None),)), SagaSettings())
+    assert stall is not None and stall["deadline"] == at(51)
+    assert stall["reasons"] == {stalled: "no progress since 09:30:21 UTC; recovery re-drives it"}
+    assert stall["reason"].startswith(f"{stalled} made no progress since 09:30:21 UTC")
     html, drawn = page_html(view, saga, width - 16, stall)
     assert drawn == orientation
     browser.set_window_size(width, 900)

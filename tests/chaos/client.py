@@ -1,6 +1,7 @@
 """A saga client in its own process (its Celery app uses the deployment's REDIS_URL).
 
 ``python -m tests.chaos.client start t_crashy '{"plan": {}}' [--id X] [--key K]``
+``python -m tests.chaos.client many t_two_pools '{}' 200`` (one kind, one input, N times)
 ``python -m tests.chaos.client orders 200 --over 0.3 --duration 20 --seed 1``
 ``python -m tests.chaos.client delay 40`` (``start_order_saga.delay(order)``, as a web app does)
 ``python -m tests.chaos.client --patience 60 orders ...`` keeps retrying a database that is down
@@ -65,6 +66,14 @@ def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
         return {"id": args.id, "published": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
+def cmd_many(args: argparse.Namespace) -> dict[str, Any]:
+    """``many SAGA INPUT COUNT``: COUNT sagas of one kind, one input, as fast as they go."""
+    data = json.loads(args.input)
+    started = time.monotonic()
+    ids = [_start(args.saga, data, None, None, args.patience) for _ in range(args.count)]
+    return {"ids": ids, "seconds": round(time.monotonic() - started, 2)}
+
+
 def cmd_orders(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     ids: list[str] = []
@@ -111,6 +120,10 @@ def main(argv: list[str]) -> int:
     s.add_argument("input")
     s.add_argument("--id")
     s.add_argument("--key")
+    m = sub.add_parser("many")
+    m.add_argument("saga")
+    m.add_argument("input")
+    m.add_argument("count", type=int)
     o = sub.add_parser("orders")
     o.add_argument("count", type=int)
     o.add_argument("--over", type=float, default=0.3, help="share of amounts over the limit")
@@ -126,7 +139,8 @@ def main(argv: list[str]) -> int:
                         "command: client --patience 60 orders ...)")
     args = parser.parse_args(argv)
     config.app.loader.import_default_modules()  # every saga a worker knows
-    result = {"start": cmd_start, "orders": cmd_orders, "delay": cmd_delay}[args.cmd](args)
+    commands = {"start": cmd_start, "many": cmd_many, "orders": cmd_orders, "delay": cmd_delay}
+    result = commands[args.cmd](args)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

@@ -33,7 +33,7 @@ from tests.support.services import (
 from tests.support.workers import ROOT, WorkerProcess
 
 CRASH_IMPORTS = "tests.support.test_sagas,tests.chaos.crash_sagas"
-SETTLED = {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED"}
+SETTLED = {"COMPLETED", "COMPENSATED", "COMPENSATION_FAILED", "FORWARD_FAILED"}
 SAGAS_CLI = "import sys; from sagas.ops.cli import main; sys.argv[0] = 'sagas'; main()"
 
 

@@ -88,6 +88,7 @@ class HostsConfig:
     during_sagas: int = 15  # started while the victim is cut off (partition only)
     after_sagas: int = 10  # started once it is back (partition only)
     step_time_limit: float = 8.0  # the order saga's step limits (the sample's default is 30)
+    recovery_grace: float = 2.0  # past a step's hard limit (its limit + 5 s) before a re-drive
     recovery_interval: float = 1.0
     concurrency: int = 2
     seed: int = 11
@@ -98,7 +99,13 @@ class HostsConfig:
         """Every saga terminal within this after the fault ended: a stalled step waits out its
         limit, one reconciler interval, runs elsewhere; a second stall at most (a message the
         victim took as it went), plus a drain margin for a loaded machine."""
-        return self.settle_s or 2 * (self.step_time_limit + 5 + self.recovery_interval) + 45
+        return self.settle_s or 2 * (self.redrive_after + self.recovery_interval) + 45
+
+    @property
+    def redrive_after(self) -> float:
+        """A stalled step's deadline: its hard limit (Celery kills it 5 s past the limit), then
+        RECOVERY_GRACE."""
+        return self.step_time_limit + 5 + self.recovery_grace
 
 
 @dataclass
@@ -189,6 +196,7 @@ class Hosts:
             SAGAS_IMPORTS="", PYTHONPATH=str(ROOT), CI=os.environ.get("CI", ""),
             RECOVERY_INTERVAL=str(self.cfg.recovery_interval),
             ORDER_STEP_TIME_LIMIT=str(self.cfg.step_time_limit), FAULT_RATE="0",
+            RECOVERY_GRACE=str(self.cfg.recovery_grace),
             STARTING_STOCK=json.dumps({"laptop": 100_000, "phone": 100_000, "book": 100_000}),
             # One order per customer at a time (the sample's semantic lock, under the faults);
             # its sku lock would leave three sagas in flight and little for a fault to hit.

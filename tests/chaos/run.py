@@ -42,7 +42,10 @@ from tests.support.services import BROKERS, broker_kind
 
 TERMINAL = {"COMPLETED", "COMPENSATED"}
 QUEUES = ("inventory", "payment", "shipping", "saga")
-ORDER_STEP_DEADLINE = 30.0  # the order saga's steps have time_limit=30: their stall deadline
+RECOVERY_GRACE = 2.0  # past a step's hard time limit, before recovery re-drives it
+# The order saga's steps have time_limit=30: Celery kills a delivery 5 s later, and recovery
+# re-drives it RECOVERY_GRACE after that (their stall deadline).
+ORDER_STEP_DEADLINE = 30.0 + 5.0 + RECOVERY_GRACE
 
 
 @dataclass
@@ -164,6 +167,7 @@ def run_chaos(cfg: ChaosConfig, root: Path) -> ChaosResult:
         "FAULT_RATE": str(cfg.fault_rate),
         "RECOVERY_INTERVAL": str(cfg.recovery_interval),
         "STEP_TIMEOUT": str(ORDER_STEP_DEADLINE),
+        "RECOVERY_GRACE": str(RECOVERY_GRACE),
         "STARTING_STOCK": json.dumps({"laptop": 100_000, "phone": 100_000, "book": 100_000}),
         "SAGAS_IMPORTS": "",
     }, broker=cfg.broker)

@@ -214,9 +214,45 @@ def test_get_saga_is_the_same_json_as_sagas_show(client: TestClient):
     wait_for_saga(saga_id)
     shown = client.get(f"/sagas/{saga_id}")
     assert shown.status_code == 200
-    assert shown.json() == get_store().get_view(saga_id)
+    assert shown.json() == engine.view(saga_id)  # what `sagas show --json` prints
+    assert shown.json() == {**get_store().get_view(saga_id), "stalled": None}
     assert [s["name"] for s in shown.json()["steps"]] == ["a", "b", "c", "d"]
     assert {"step", "from_state", "to_state", "attempt", "at"} <= shown.json()["events"][0].keys()
+
+
+def test_a_compensated_steps_action_and_compensation_times_are_apart(client: TestClient):
+    saga_id = start_saga(ts.linear, {"plan": {"c": {"fail": True}}})
+    assert wait_for_saga(saga_id)["state"] == "COMPENSATED"
+    steps = {s["name"]: s for s in client.get(f"/sagas/{saga_id}").json()["steps"]}
+    a = steps["a"]
+    assert a["started_at"] <= a["finished_at"] < a["compensation_started_at"] <= (
+        a["compensation_finished_at"]), "the compensation never moves the action's times"
+    assert a["started_at"] == next(e["at"] for e in client.get(f"/sagas/{saga_id}").json()[
+        "events"] if e["step"] == "a" and e["to_state"] == "RUNNING")
+    assert steps["d"]["started_at"] is None and steps["d"]["compensation_started_at"] is None
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"compensation_started_at", "compensation_finished_at"} <= set(
+        schema["StepView"]["properties"])
+    assert "stalled" in schema["SagaView"]["properties"]
+
+
+def test_a_stalled_saga_says_why_and_is_marked_in_the_list(client: TestClient):
+    from tests.chaos import crash_sagas as cs
+    from tests.support.engine import make_stale, recover_stalled
+
+    saga_id = start_saga(cs.recovery_unit, {})  # its queue has no worker
+    make_stale(saga_id)
+    assert saga_id in recover_stalled().held, "its message still waits: held, not re-sent"
+    stall = client.get(f"/sagas/{saga_id}").json()["stalled"]
+    assert stall["reasons"] == ["queued"]
+    (step,) = stall["steps"]
+    assert (step["step"], step["queue"], step["reason"]) == ("a", cs.UNSERVED, "queued")
+    assert "no worker has taken its message" in stall["reason"]
+    listed = client.get("/sagas", params={"name": "t_recovery_unit", "limit": 500}).json()
+    assert {i["id"]: i["stalled"] for i in listed["items"]}[saga_id] is True
+    done = start_saga(ts.linear, {})
+    wait_for_saga(done)
+    assert client.get(f"/sagas/{done}").json()["stalled"] is None
 
 
 def test_list_sagas_filters_by_state_and_name_and_pages(client: TestClient):

@@ -195,6 +195,28 @@ def test_a_failing_publish_keeps_the_cursor_and_is_retried_until_it_goes_through
     assert outbox.stats(scratch_store).pending == 0 and relay.failures == 0
 
 
+def test_the_relays_backlog_is_a_gauge_read_on_metrics_at_scrape_time(scratch_store: Store):
+    from sagas.observe import metrics
+
+    def pending() -> float:
+        text = metrics.render().decode()
+        line = next(x for x in text.splitlines() if x.startswith("sagas_outbox_pending "))
+        return float(line.split()[1])
+
+    previous = metrics._in_flight_source
+    metrics.count_in_flight_of(lambda: scratch_store)
+    try:
+        add_saga(scratch_store, 2)
+        assert pending() == 3 == outbox.stats(scratch_store).pending
+        add_saga(scratch_store, 1)
+        assert pending() == 5, "read when scraped, not cached"
+        sent: list[str] = []
+        outbox.Relay(scratch_store, SagaSettings(), lambda row: sent.append(row)).run_once()
+        assert len(sent) == 5 and pending() == 0
+    finally:
+        metrics.count_in_flight_of(previous)
+
+
 def test_relay_publishes_to_the_topic_exchange_by_saga_and_event(
     scratch_store: Store, redis_server: Any
 ):

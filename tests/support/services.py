@@ -203,6 +203,38 @@ def peek_queue(broker_url: str, queue: str) -> list[tuple[dict[str, Any], Any]]:
     return out
 
 
+def drop_from_queue(broker_url: str, queue: str, task_id_prefix: str) -> int:
+    """Remove the messages whose task id begins with ``task_id_prefix`` from ``queue`` (as a
+    worker that took them and died would); the others stay. Returns how many went."""
+    if broker_url.startswith("redis"):
+        import redis
+
+        client = redis.Redis.from_url(broker_url)
+        gone = 0
+        for raw in client.lrange(queue, 0, -1):
+            if str(json.loads(raw)["headers"]["id"]).startswith(task_id_prefix):
+                gone += int(client.lrem(queue, 0, raw))
+        return gone
+    from amqp.exceptions import NotFound
+    from kombu import Connection
+
+    gone = 0
+    with Connection(broker_url, connect_timeout=5) as conn:
+        channel = conn.channel()
+        try:
+            while (message := channel.basic_get(queue, no_ack=False)) is not None:
+                headers = dict(message.properties.get("application_headers") or {})
+                if str(headers.get("id", "")).startswith(task_id_prefix):
+                    channel.basic_ack(message.delivery_tag)
+                    gone += 1
+        except NotFound:
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()  # the others were not acknowledged: they go back
+    return gone
+
+
 def consumer_timeout_s() -> float | None:
     """The RabbitMQ server's ``consumer_timeout`` in seconds (None: not limited)."""
     out = _rabbitmqctl("eval", "application:get_env(rabbit, consumer_timeout).").stdout.strip()

@@ -1,7 +1,9 @@
 """A second domain, defined only in the tests, run through the same engine as orders.
 
 Every step runs ``testsvc.act`` and compensates with ``testsvc.undo``; what each call does is
-planned in the saga input under ``plan.<step>``: ``fail`` (a business failure), ``transient``
+planned in the saga input under ``plan.<step>``: ``fail`` (a business failure), ``fail_while``
+(a business failure while that Redis key exists: a test "fixes the cause" by deleting it),
+``transient``
 (fail that many calls, then succeed), ``sleep`` seconds, ``undo_fail`` (the compensation always
 fails), ``unserializable`` (the action succeeds but returns a set, which JSON cannot hold).
 Each call is counted and logged in Redis so tests can assert effects and their order.
@@ -46,7 +48,7 @@ def act(ctx: dict[str, Any]) -> dict[str, Any]:
     started = time.time()
     if plan.get("sleep"):
         time.sleep(float(plan["sleep"]))
-    if plan.get("fail"):
+    if plan.get("fail") or (plan.get("fail_while") and ledger().exists(plan["fail_while"])):
         raise BusinessError(f"planned failure of {ctx['step']}")
     if calls <= int(plan.get("transient", 0)):
         raise TransientError(f"planned transient failure {calls} of {ctx['step']}")

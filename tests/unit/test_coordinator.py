@@ -13,6 +13,7 @@ from sagas.coordinator import (
     Dispatch,
     Redrive,
     RetryRequested,
+    Revoke,
     Started,
     StepFailed,
     StepRetrying,
@@ -553,3 +554,139 @@ def test_retry_request_on_a_pending_saga_starts_it():
     decision = run.send(RetryRequested())
     assert run.state == SagaState.RUNNING
     assert decision.dispatches == [Dispatch("a", ACTION, 1)]
+
+
+# --- issue 15: holds, backoff counters, called-off actions, credit, the forward budget ----------
+def test_a_redrive_holds_a_step_whose_message_still_waits_and_sends_nothing():
+    run = diamond()
+    run.start()
+    run.succeed("a")
+    decision = run.send(Redrive(queued=("b",)))
+    assert decision.dispatches == [Dispatch("c", ACTION, 2)], "c was lost: sent again"
+    held = [t for t in decision.transitions if t.step == "b"]
+    assert [(t.from_state, t.to_state, t.attempt, t.keeps_error) for t in held] == [
+        (S.RUNNING, S.RUNNING, 1, True)], "a note: no new attempt"
+    b, c = run.snap.steps["b"], run.snap.steps["c"]
+    assert (b.redrives, b.held, c.redrives, c.held) == (1, True, 1, False)
+    assert b.error is None, "a hold is not the step's error"
+    run.send(Redrive(queued=("b",)))
+    assert run.snap.steps["b"].redrives == 2, "each look without progress counts"
+    run.succeed("b")
+    assert (run.snap.steps["b"].redrives, run.snap.steps["b"].held) == (0, False)
+
+
+def test_an_operator_retry_of_a_stalled_saga_sends_its_work_again_whatever_waits():
+    run = diamond()
+    run.start()
+    run.succeed("a")
+    decision = run.send(RetryRequested())
+    assert sorted((d.step, d.attempt) for d in decision.dispatches) == [("b", 2), ("c", 2)]
+
+
+def test_cancel_revokes_the_actions_in_flight_but_never_the_pivot():
+    run = Run(make_saga(step("a"), step("b", depends_on=[]), step("pay", pivot=True,
+                                                                 depends_on=[])))
+    run.start()
+    run.send(Redrive(("b",)))  # b now has two deliveries
+    decision = run.send(CancelRequested())
+    assert decision.revokes == [Revoke("a", 1), Revoke("b", 2)]
+    assert run.state == SagaState.COMPENSATING
+
+
+def test_a_revoked_action_is_compensated_since_another_delivery_may_have_run():
+    run = linear()
+    run.start()
+    run.succeed("a")
+    run.send(CancelRequested())
+    decision = run.send(StepFailed("b", ACTION, "ActionRevoked: never run", definite=False,
+                                   attempt=1))
+    assert decision.dispatches == [Dispatch("b", COMPENSATION, 1)]
+    run.undo("b")
+    assert run.dispatched(COMPENSATION) == ["b", "a"]
+
+
+def test_an_action_stalled_in_a_called_off_saga_is_undone_not_sent_again():
+    run = linear()
+    run.start()
+    run.succeed("a")
+    run.send(CancelRequested())
+    decision = run.send(Redrive())
+    assert decision.dispatches == [Dispatch("b", COMPENSATION, 1)]
+    assert run.step_path("b")[-2:] == [S.FAILED, S.COMPENSATING]
+
+
+def test_a_failure_names_the_delivery_it_came_from_and_history_credits_that_one():
+    run = linear()
+    run.start()
+    run.send(Redrive())  # a: do.1 in flight, then do.2
+    decision = run.send(StepFailed("a", ACTION, "boom", attempt=1))
+    (failed,) = [t for t in decision.transitions if t.to_state == S.FAILED]
+    assert failed.attempt == 1, "do.1 failed, not the re-driven do.2"
+    again = linear()
+    again.start()
+    again.send(StepRetrying("a", ACTION, 2, "transient"))  # a Celery retry of do.1
+    decision = again.send(StepFailed("a", ACTION, "boom", attempt=1))
+    (failed,) = [t for t in decision.transitions if t.to_state == S.FAILED]
+    assert failed.attempt == 2, "the same message's last try is the one that failed"
+
+
+def test_a_business_refusal_after_the_pivot_parks_the_saga_forward_failed():
+    run = with_pivot()
+    run.start()
+    run.succeed("a")
+    run.succeed("pay")
+    decision = run.send(StepFailed("ship", ACTION, "RefusedAfterPivot: no address",
+                                   business=True))
+    assert run.state == SagaState.FORWARD_FAILED
+    assert decision.dispatches == []
+    assert run.snap.error is not None and "refused for good after the pivot" in run.snap.error
+    with pytest.raises(SagaStateError, match=r"FORWARD_FAILED.*can only go forward"):
+        run.send(CancelRequested())
+    decision = run.send(RetryRequested())
+    assert run.state == SagaState.RUNNING
+    assert decision.dispatches == [Dispatch("ship", ACTION, 2)]
+    run.succeed("ship")
+    run.succeed("notify")
+    assert run.state == SagaState.COMPLETED
+
+
+def test_after_the_pivot_a_failing_step_is_sent_again_forward_retries_times_then_parks():
+    run = Run(make_saga(step("a"), step("pay", pivot=True), step("ship", comp=False,
+                                                                  forward_retries=2)))
+    run.start()
+    run.succeed("a")
+    run.succeed("pay")
+    assert len(run.fail("ship").dispatches) == 1
+    assert len(run.fail("ship").dispatches) == 1
+    decision = run.fail("ship")
+    assert decision.dispatches == [] and run.state == SagaState.FORWARD_FAILED
+    assert run.snap.error is not None and "failed 3 times (forward_retries=2)" in run.snap.error
+    run.send(RetryRequested())  # a fresh budget
+    assert run.snap.steps["ship"].failures == 0
+    assert len(run.fail("ship").dispatches) == 1
+    assert len(run.fail("ship").dispatches) == 1
+    assert run.fail("ship").dispatches == [] and run.state == SagaState.FORWARD_FAILED
+
+
+def test_a_parked_roll_forward_retry_also_resends_a_branch_still_in_flight():
+    run = Run(make_saga(step("a"), step("pay", pivot=True), step("x", comp=False),
+                        step("y", comp=False, depends_on=["pay"], forward_retries=0)))
+    run.start()
+    run.succeed("a")
+    run.succeed("pay")
+    run.fail("y")
+    assert run.state == SagaState.FORWARD_FAILED
+    decision = run.send(RetryRequested())
+    assert sorted((d.step, d.attempt) for d in decision.dispatches) == [("x", 2), ("y", 2)]
+
+
+def test_a_compensation_that_fails_after_its_retries_credits_its_last_try():
+    again = linear()
+    again.start()
+    again.succeed("a")
+    again.fail("b")
+    again.send(StepRetrying("a", COMPENSATION, 2, "x"))  # a Celery retry of undo.1
+    decision = again.send(StepFailed("a", COMPENSATION, "boom", attempt=1))
+    (failed_undo,) = [t for t in decision.transitions
+                      if t.step == "a" and t.to_state == S.COMPENSATION_FAILED]
+    assert failed_undo.attempt == 2, "undo.1's last try, not its first"

@@ -84,6 +84,8 @@ def test_step_transition_is_allowed_exactly_when_the_table_lists_it(pair):
         (SagaState.COMPENSATING, SagaState.COMPENSATED),
         (SagaState.COMPENSATING, SagaState.COMPENSATION_FAILED),
         (SagaState.COMPENSATION_FAILED, SagaState.COMPENSATING),
+        (SagaState.RUNNING, SagaState.FORWARD_FAILED),
+        (SagaState.FORWARD_FAILED, SagaState.RUNNING),
     ],
 )
 def test_saga_lifecycle_moves_are_allowed(current, target):
@@ -100,6 +102,9 @@ def test_saga_lifecycle_moves_are_allowed(current, target):
         (SagaState.PENDING, SagaState.COMPLETED),
         (SagaState.COMPENSATION_FAILED, SagaState.COMPENSATED),
         (SagaState.RUNNING, SagaState.RUNNING),
+        (SagaState.COMPENSATING, SagaState.FORWARD_FAILED),
+        (SagaState.FORWARD_FAILED, SagaState.COMPENSATING),
+        (SagaState.FORWARD_FAILED, SagaState.COMPLETED),
     ],
 )
 def test_saga_shortcuts_are_refused(current, target):
@@ -168,10 +173,16 @@ def test_compensation_failed_saga_is_settled_but_not_terminal_so_an_operator_can
     assert can_transition_saga(state, SagaState.COMPENSATING)
 
 
+def test_forward_failed_saga_is_settled_but_not_terminal_so_an_operator_can_retry():
+    state = SagaState.FORWARD_FAILED
+    assert not state.is_terminal
+    assert state in SAGA_SETTLED
+    assert SAGA_TRANSITIONS[state] == frozenset({SagaState.RUNNING}), "it only goes forward"
+
+
 def test_only_settled_saga_states_are_parked():
-    assert {SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.COMPENSATION_FAILED} == (
-        SAGA_SETTLED
-    )
+    assert {SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.COMPENSATION_FAILED,
+            SagaState.FORWARD_FAILED} == SAGA_SETTLED
 
 
 @pytest.mark.parametrize("state", [StepState.COMPENSATED, StepState.SKIPPED])

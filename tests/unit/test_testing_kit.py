@@ -104,7 +104,7 @@ def test_the_context_is_exactly_what_a_worker_receives():
         result = r.run(saga, {"x": 1})
     (ctx,) = seen
     assert set(ctx) == {"saga_id", "saga", "step", "phase", "attempt", "version",
-                        "idempotency_key", "after_pivot", "inline", "input", "results"}
+                        "idempotency_key", "after_pivot", "inline", "sent", "input", "results"}
     assert ctx["idempotency_key"] == f"{result.id}:only"
     assert (ctx["input"], ctx["results"], ctx["version"], ctx["attempt"]) == ({"x": 1}, {}, 1, 1)
     assert result.steps["only"].result == {}, "None is stored as {} (normalize_result)"
@@ -216,15 +216,40 @@ def test_an_operator_retry_resumes_a_parked_saga_once_the_fault_is_gone(runner: 
     assert resumed.steps["b"].state is StepState.COMPENSATED
 
 
-def test_a_fault_that_never_clears_after_the_pivot_is_reported_not_looped_forever(
+def test_a_business_refusal_after_the_pivot_parks_the_saga_at_once(runner: SagaRunner):
+    result = runner.run(GRAPH, {}, faults={"after": Fault.business("address unknown")})
+    assert result.state is SagaState.FORWARD_FAILED
+    assert result.steps["pivot"].state is StepState.SUCCEEDED
+    after = result.steps["after"]
+    assert (after.state, after.calls, after.attempts) == (StepState.FAILED, 1, 1)
+    assert after.error == "RefusedAfterPivot: BusinessError: address unknown"
+    assert result.error is not None and "refused for good after the pivot" in result.error
+    assert result.moves("COMPENSATING") == []
+
+
+def test_a_pivot_whose_outcome_never_becomes_known_is_reported_not_looped_forever(
     runner: SagaRunner,
 ):
     with pytest.raises(SagaDidNotSettle) as caught:
-        runner.run(GRAPH, {}, faults={"after": Fault.business()}, max_deliveries=50)
+        runner.run(GRAPH, {}, faults={"pivot": Fault.transient(1000)}, max_deliveries=40)
     result = caught.value.result
     assert result is not None and result.state is SagaState.RUNNING
-    assert result.steps["pivot"].state is StepState.SUCCEEDED
-    assert result.steps["after"].attempts > 10, "after the pivot a step only goes forward"
+    assert result.steps["pivot"].state is StepState.RUNNING, "re-driven until it is known"
+
+
+def test_a_fault_that_never_clears_after_the_pivot_parks_once_its_forward_budget_is_spent(
+    runner: SagaRunner,
+):
+    result = runner.run(GRAPH, {}, faults={"after": Fault.transient(1000)})
+    assert result.state is SagaState.FORWARD_FAILED
+    after = result.steps["after"]
+    # Its retry policy's 3 tries, then sent again forward_retries (10) times, one try each.
+    assert after.calls == after.attempts == 3 + 10
+    assert result.error is not None and "failed 11 times (forward_retries=10)" in result.error
+    assert result.moves("COMPENSATING") == []
+    resumed = runner.retry(result.id, faults={})
+    assert resumed.state is SagaState.COMPLETED, "sagas retry sends it again"
+    assert resumed.steps["after"].calls == 3 + 10 + 1
 
 
 # --- the virtual clock ---------------------------------------------------------------------
@@ -296,7 +321,14 @@ def test_a_saga_past_its_own_deadline_is_compensated_by_the_reconciler(ledger: L
         result = r.run(saga, {}, faults={"b": Fault.slow(600)})
     assert result.state is SagaState.COMPENSATED
     assert result.error == "saga deadline passed"
-    assert result.elapsed == 600.0, "b's late success is recorded, then b is undone"
+    # b (no time limit) made no progress within STEP_TIMEOUT (300 s): in a saga called off it
+    # is not sent forward again but undone, in case it ran; beat's next run is at 305 s.
+    assert result.step_history("b")[-3:] == [
+        ("RUNNING", "FAILED", 1), ("FAILED", "COMPENSATING", 1),
+        ("COMPENSATING", "COMPENSATED", 1),
+    ]
+    assert result.elapsed == 305.0
+    assert result.steps["b"].calls == 1, "never sent again"
 
 
 def test_a_participant_that_really_overruns_its_time_limit_gets_the_same_outcome():

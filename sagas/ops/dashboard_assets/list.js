@@ -1,5 +1,5 @@
 const STATES=["PENDING","WAITING","RUNNING","COMPENSATING","COMPLETED","COMPENSATED",
- "COMPENSATION_FAILED"];
+ "COMPENSATION_FAILED","FORWARD_FAILED"];
 const params=new URLSearchParams(location.search);
 const filter=document.getElementById("state-filter"),search=document.getElementById("search");
 const nameFilter=document.getElementById("name-filter");
