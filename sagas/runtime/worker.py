@@ -11,6 +11,7 @@ never sets ``task_cls``.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from celery import Task
@@ -270,6 +271,10 @@ def _failure_of(task: Task, task_id: str) -> str:
 STORE_RETRY_MAX = 30.0
 """Longest wait (s) between two tries of an engine task while the saga store is down."""
 
+STORE_RETRY_UNBOUNDED = sys.maxsize
+"""The retry cap for a store outage: none. Celery reads ``retry(max_retries=None)`` as *the
+task's own cap* (3 by default), which would drop an outcome about 7 s into an outage."""
+
 
 def _store_retry(task: Task, exc: StoreUnavailableError) -> Retry:
     """Hold an engine task's message in the broker until the store answers (backoff, no cap).
@@ -277,7 +282,7 @@ def _store_retry(task: Task, exc: StoreUnavailableError) -> Retry:
     The outage was logged once by the store; Celery's own retry line is enough per task.
     """
     countdown = min(STORE_RETRY_MAX, 2.0 ** min(int(task.request.retries or 0), 5))
-    return task.retry(exc=exc, countdown=countdown, max_retries=None)
+    return task.retry(exc=exc, countdown=countdown, max_retries=STORE_RETRY_UNBOUNDED)
 
 
 def install(binding: Binding) -> None:

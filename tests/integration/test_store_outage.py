@@ -96,3 +96,32 @@ def test_a_pivot_whose_success_could_not_be_recorded_completes_once_the_database
         f"{steps_by_name['p']['state']} ({steps_by_name['p']['error']})")
     assert cluster.effect(f"{saga_id}:z")
     assert not cluster.effect(f"{saga_id}:a", "compensation")
+
+
+@pytest.mark.timeout(300)
+def test_an_outcome_waits_out_a_long_outage_on_the_saga_queue(
+    deployment: tuple[Cluster, PgCluster],
+):
+    """The coordinator serves its queue through 25 s of outage and no reconciler runs: the
+    handed-over success must be retried until the database answers, however long that takes
+    (Celery reads ``retry(max_retries=None)`` as the task's cap of 3, about 7 s of backoff)."""
+    cluster, pg = deployment
+    cluster.start_workers({"crashy": ("crashy", 1), "saga": ("saga", 1)})
+    body = {"plan": {"p": {"crash": "store_down_on_record"}}}
+    saga_id = cluster.client("start", "t_crashy_pivot", json.dumps(body))["id"]
+
+    markers = Path(cluster.env["CRASHY_DIR"]) / "markers"
+    tag = f"{saga_id}.p.action"
+    _wait_file(markers / f"{tag}.recording")
+    pg.stop("fast")
+    (markers / f"{tag}.db-down").touch()
+    time.sleep(25)
+    pg.start()
+
+    view = cluster.wait_for(saga_id, timeout=90)  # no beat: only the held outcome can finish it
+    assert view["state"] == "COMPLETED"
+    saga_log = cluster.workers["saga"].log()
+    assert "sagas.step_succeeded" in saga_log and "Retry in" in saga_log
+    assert "MaxRetriesExceeded" not in saga_log
+    assert not cluster.redrives()
+    assert cluster.calls(saga_id, "p") == 1, "the pivot ran once; its outcome was held"
