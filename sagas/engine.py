@@ -20,7 +20,7 @@ from kombu.utils.imports import symbol_by_name
 
 from sagas.coordinator import Decision
 from sagas.definition import Saga
-from sagas.errors import DefinitionError, SagaNotFoundError
+from sagas.errors import DefinitionError, SagaNotFoundError, StoreUnavailableError
 from sagas.observe import setup as observe_setup
 from sagas.runtime import consumer, poison, revoke, worker
 from sagas.runtime.binding import Binding, bind, binding_of
@@ -128,8 +128,15 @@ class Sagas:
         @self.app.task(name=RECOVER_TASK, ignore_result=True, queue=settings.saga_queue,  # type: ignore[untyped-decorator]
                        shared=False, send_events=False)
         def recover() -> dict[str, Any]:
-            """Beat's entry point; runs on the saga queue like the coordinator's other tasks."""
-            return recover_stalled(self._binding).as_dict()
+            """Beat's entry point; runs on the saga queue like the coordinator's other tasks.
+
+            A store outage skips the pass: the store said so once for the outage, and beat
+            sends the next pass anyway (a traceback every interval would bury the logs).
+            """
+            try:
+                return recover_stalled(self._binding).as_dict()
+            except StoreUnavailableError:
+                return {"skipped": "saga store unavailable"}
 
         self.app.on_after_configure.connect(
             self._on_configure, weak=False, dispatch_uid=f"sagas.engine.{id(self)}.configure"

@@ -28,13 +28,14 @@ from tests.support.engine import start_saga
 ITEMS = ("laptop", "phone", "book")
 
 
-def order(rng: random.Random, i: int, over: bool, limit: float = 500.0) -> dict[str, Any]:
+def order(rng: random.Random, i: int, over: bool, limit: float = 500.0, customers: int = 97
+          ) -> dict[str, Any]:
     quantity = rng.randint(1, 3)
     if over:
         price = round(rng.uniform(limit / quantity + 1, 2 * limit / quantity), 2)
     else:
         price = round(rng.uniform(5, limit / quantity - 1), 2)
-    return {"customer_id": f"c{i % 97}", "item": rng.choice(ITEMS), "quantity": quantity,
+    return {"customer_id": f"c{i % customers}", "item": rng.choice(ITEMS), "quantity": quantity,
             "price": price}
 
 
@@ -74,25 +75,42 @@ def cmd_many(args: argparse.Namespace) -> dict[str, Any]:
     return {"ids": ids, "seconds": round(time.monotonic() - started, 2)}
 
 
+def wave_plan(spec: str, count: int, duration: float) -> list[float]:
+    """``"0:0.3,0.5:0.7"`` (at share of the duration : share of the sagas) as each start's
+    offset (s): a wave goes out as fast as the client can start sagas."""
+    waves = [tuple(float(x) for x in part.split(":")) for part in spec.split(",")]
+    offsets: list[float] = []
+    for n, (at, share) in enumerate(waves):
+        size = count - len(offsets) if n == len(waves) - 1 else round(count * share)
+        offsets += [at * duration] * size
+    return offsets
+
+
 def cmd_orders(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     ids: list[str] = []
     over = 0
     publish_errors = 0
     started = time.monotonic()
+    offsets = wave_plan(args.waves, args.count, args.duration) if args.waves else None
     for i in range(args.count):
+        if offsets is not None:
+            lag = started + offsets[i] - time.monotonic()
+            if lag > 0:
+                time.sleep(lag)
         is_over = rng.random() < args.over
         over += is_over
         saga_id = f"{args.prefix}-{i:05d}"
         try:
-            _start("order", order(rng, i, is_over), saga_id, saga_id, args.patience)
+            data = order(rng, i, is_over, customers=args.customers)
+            _start("order", data, saga_id, saga_id, args.patience)
         except StoreUnavailableError:
             raise
         except Exception as exc:  # the publish failed after the saga was recorded
             publish_errors += 1
             sys.stderr.write(f"{saga_id}: publish failed: {type(exc).__name__}: {exc}\n")
         ids.append(saga_id)
-        if args.duration:
+        if args.duration and offsets is None:
             lag = started + args.duration * (i + 1) / args.count - time.monotonic()
             if lag > 0:
                 time.sleep(lag)
@@ -130,6 +148,10 @@ def main(argv: list[str]) -> int:
     o.add_argument("--duration", type=float, default=0.0, help="spread the starts over this (s)")
     o.add_argument("--seed", type=int, default=1)
     o.add_argument("--prefix", default="chaos")
+    o.add_argument("--waves", default="", help="start in waves instead of evenly: "
+                   "'0:0.3,0.5:0.7' = 30%% at once at 0, 70%% at half the duration")
+    o.add_argument("--customers", type=int, default=97,
+                   help="distinct customers (the sample locks one order per customer)")
     d = sub.add_parser("delay")
     d.add_argument("count", type=int)
     d.add_argument("--over", type=float, default=0.3, help="share of amounts over the limit")

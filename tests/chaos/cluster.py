@@ -163,6 +163,29 @@ class Cluster:
             queues = {q for w in list(self.workers.values()) for q in w.queues.split(",")}
             self.vhost.lose_everything(*sorted(queues))
 
+    def wipe_broker(self) -> None:
+        """The broker forgets everything while its server stays up: Redis ``FLUSHALL`` (every
+        queued and unacked message and every stored result gone, connections kept); on
+        RabbitMQ ``RabbitVhost.lose_everything`` and a FLUSHALL of the result backend."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis.url)
+        try:
+            client.flushall()
+        finally:
+            client.close()
+        if self.vhost is not None:
+            queues = {q for w in list(self.workers.values()) for q in w.queues.split(",")}
+            self.vhost.lose_everything(*sorted(queues))
+
+    def state_counts(self) -> dict[str, int]:
+        """Sagas per state, all of this deployment's."""
+        from sqlalchemy import func
+
+        with self.store.read() as conn:
+            rows = conn.execute(select(sagas_t.c.state, func.count()).group_by(sagas_t.c.state))
+            return {str(state): int(n) for state, n in rows}
+
     def queue_depth(self, queue: str) -> int:
         """Messages waiting in ``queue`` on this deployment's broker."""
         if self.vhost is not None:
