@@ -63,7 +63,7 @@ def rows(results: dict[str, dict[str, Any] | None]) -> list[tuple[str, list[str]
                                           lambda r: "-")),
         ("in flight at broker restart", each(lambda r: _faults(r, "broker restarted"),
                                              lambda r: "-")),
-        ("in flight at database restarts", each(lambda r: _faults(r, "database"),
+        ("in flight at db restarts", each(lambda r: _faults(r, "database"),
                                                 lambda r: "-")),
         ("victim's steps in flight", each(lambda r: "-",
                                           lambda r: len(r["in_flight_at_fault"]))),
