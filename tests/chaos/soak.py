@@ -435,7 +435,7 @@ class Soak:
 
     def in_flight(self) -> int | None:
         try:
-            return sum(n for s, n in self.counts().items() if s not in SETTLED)
+            return sum(n for s, n in self.cluster.state_counts().items() if s not in SETTLED)
         except Exception:
             return None
 
@@ -555,10 +555,8 @@ class Soak:
         self.note(Fault(t, "kill-worker", name))
 
     def wipe(self) -> None:
-        import redis
-
         fault = Fault(time.monotonic() - self.began, "wipe", in_flight=self.in_flight())
-        redis.Redis.from_url(self.cluster.redis.url).flushall()
+        self.cluster.wipe_broker()  # FLUSHALL: every queued and unacked message gone
         self.note(fault)
 
     def db_restart(self, down: bool) -> None:
