@@ -47,6 +47,8 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     task_retry_on_worker_lost=True,
     worker_prefetch_multiplier=1,
+    # A pool process that grew past this is replaced after its task (late acks: nothing lost).
+    worker_max_memory_per_child=settings.worker_max_memory_per_child or None,
     broker_transport_options={"visibility_timeout": 3600},
     result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
     broker_connection_retry_on_startup=True,
