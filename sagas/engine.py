@@ -38,7 +38,7 @@ from sagas.runtime.starter import StartTask, make_start_task
 from sagas.runtime.transitions import cancel_saga, retry_saga, start_saga
 from sagas.settings import SagaSettings
 from sagas.states import SagaState
-from sagas.store import locks, migrate
+from sagas.store import locks, migrate, outages
 from sagas.store.sql import Store, utcnow
 
 log = logging.getLogger("sagas")
@@ -135,7 +135,9 @@ class Sagas:
             """
             try:
                 return recover_stalled(self._binding).as_dict()
-            except StoreUnavailableError:
+            except StoreUnavailableError as exc:
+                outages.down(self.store, exc, "saga store unavailable: the reconciler skips "
+                             "its passes until it answers")
                 return {"skipped": "saga store unavailable"}
 
         self.app.on_after_configure.connect(

@@ -325,9 +325,7 @@ class Store:
             with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
                 yield conn
         except OperationalError as exc:
-            outages.down(self, exc)
             raise StoreUnavailableError(f"saga store unavailable: {exc.orig}") from exc
-        outages.up(self)
 
     # --- write side ------------------------------------------------------------
     def start(
