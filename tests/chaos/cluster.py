@@ -146,6 +146,14 @@ class Cluster:
             start_new_session=True,
         )
 
+    def ensure_beat(self) -> bool:
+        """Start beat again if it died, as the Procfile's supervisor does (beat exits when the
+        broker refuses it at connect: RabbitMQ's lock-out while it was starting). True if so."""
+        if self.beat is None or self.beat.poll() is None:
+            return False
+        self.start_beat()
+        return True
+
     @property
     def broker_url(self) -> str:
         return self.vhost.url if self.vhost is not None else self.redis.url

@@ -183,6 +183,7 @@ def _kill_loop(cluster: Cluster, cfg: ChaosConfig, result: ChaosResult, rng: ran
     """Every KILL_EVERY seconds of the window, SIGKILL a whole worker or one pool process."""
     began = time.monotonic()
     while not stop.wait(cfg.kill_every):
+        cluster.ensure_beat()  # a supervisor's job: beat exits when the broker refuses it
         if time.monotonic() - began > cfg.kill_for:
             return
         name = rng.choice(QUEUES)
@@ -316,6 +317,7 @@ def run_chaos(cfg: ChaosConfig, root: Path) -> ChaosResult:
         result.sagas = len(ids)
         result.publish_errors = submitted["publish_errors"]
         cluster.ensure_workers()
+        cluster.ensure_beat()
 
         states: dict[str, str] = {}
         deadline = chaos_end + cfg.settle_bound

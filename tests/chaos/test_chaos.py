@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 
 from tests.chaos.run import ChaosConfig, run_chaos
+from tests.conftest import DATABASES
 from tests.support import pgcluster
 from tests.support.services import require_service
 
@@ -22,7 +23,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("database", DATABASES)  # SAGAS_TEST_DATABASES narrows it
 def test_every_saga_ends_terminal_and_the_ledgers_balance_through_chaos(
     tmp_path_factory: pytest.TempPathFactory, database: str,
 ):
