@@ -130,8 +130,8 @@ class Sagas:
         def recover() -> dict[str, Any]:
             """Beat's entry point; runs on the saga queue like the coordinator's other tasks.
 
-            A store outage skips the pass: the store said so once for the outage, and beat
-            sends the next pass anyway (a traceback every interval would bury the logs).
+            A store outage skips the pass, said once per outage; beat sends the next pass
+            anyway (a traceback every interval would bury the logs).
             """
             try:
                 return recover_stalled(self._binding).as_dict()
