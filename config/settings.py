@@ -19,6 +19,10 @@ class Settings(SagaSettings):
     fault_rate: float = Field(
         0.0, description="Chaos: probability that a participant raises a transient fault"
     )
+    service_latency: float = Field(
+        0.0, ge=0, description="Chaos: seconds each participant call waits before its work, as "
+        "a remote service's round trip would (a fault then finds steps in the middle of a run)",
+    )
     order_locks: str = Field(
         "customer,sku", description="Semantic locks an order saga holds, comma-separated: "
         "customer (one order per customer at a time), sku (one per item); empty for none",

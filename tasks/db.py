@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -56,6 +57,14 @@ def _make_engine(url: str) -> Engine:
 def transaction() -> Iterator[Connection]:
     with get_engine().begin() as conn:
         yield conn
+
+
+def call_service(where: str) -> None:
+    """The start of a participant's work: SERVICE_LATENCY, then perhaps a fault (chaos)."""
+    latency = get_app_settings().service_latency
+    if latency > 0:
+        time.sleep(latency)
+    maybe_fault(where)
 
 
 def maybe_fault(where: str) -> None:

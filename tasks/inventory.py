@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from config import app
 from config.queues import INVENTORY
 from sagas import BusinessError, StepContext
-from tasks.db import maybe_fault, transaction
+from tasks.db import call_service, maybe_fault, transaction
 from tasks.models import Reservation, Stock
 
 stock_t = Stock.__table__
@@ -22,7 +22,7 @@ reservations_t = Reservation.__table__
 def reserve(ctx: dict[str, Any]) -> dict[str, Any]:
     step = StepContext.model_validate(ctx)
     sku, quantity = step.input["item"], int(step.input["quantity"])
-    maybe_fault("inventory.reserve")
+    call_service("inventory.reserve")
     try:
         with transaction() as conn:
             existing = conn.execute(
@@ -61,7 +61,7 @@ def reserve(ctx: dict[str, Any]) -> dict[str, Any]:
 @app.task(name="inventory.release", queue=INVENTORY)
 def release(ctx: dict[str, Any]) -> dict[str, Any]:
     step = StepContext.model_validate(ctx)
-    maybe_fault("inventory.release")
+    call_service("inventory.release")
     try:
         with transaction() as conn:
             existing = conn.execute(

@@ -12,7 +12,7 @@ from config import app
 from config.queues import PAYMENT
 from config.settings import get_app_settings
 from sagas import BusinessError, StepContext
-from tasks.db import maybe_fault, transaction
+from tasks.db import call_service, maybe_fault, transaction
 from tasks.models import Charge, Refund
 
 charges_t = Charge.__table__
@@ -34,7 +34,7 @@ def charge(ctx: dict[str, Any]) -> dict[str, Any]:
     limit = Decimal(str(get_app_settings().payment_limit))
     if amount > limit:
         raise PaymentDeclined(f"payment of {amount} declined: over the limit of {limit}")
-    maybe_fault("payment.charge")
+    call_service("payment.charge")
     try:
         with transaction() as conn:
             existing = conn.execute(
@@ -59,7 +59,7 @@ def charge(ctx: dict[str, Any]) -> dict[str, Any]:
 @app.task(name="payment.refund", queue=PAYMENT)
 def refund(ctx: dict[str, Any]) -> dict[str, Any]:
     step = StepContext.model_validate(ctx)
-    maybe_fault("payment.refund")
+    call_service("payment.refund")
     try:
         with transaction() as conn:
             existing = conn.execute(

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from config import app
 from config.queues import SHIPPING
 from sagas import StepContext
-from tasks.db import maybe_fault, transaction
+from tasks.db import call_service, maybe_fault, transaction
 from tasks.models import Shipment
 
 shipments_t = Shipment.__table__
@@ -19,7 +19,7 @@ shipments_t = Shipment.__table__
 @app.task(name="shipping.create_shipment", queue=SHIPPING)
 def create_shipment(ctx: dict[str, Any]) -> dict[str, Any]:
     step = StepContext.model_validate(ctx)
-    maybe_fault("shipping.create_shipment")
+    call_service("shipping.create_shipment")
     try:
         with transaction() as conn:
             existing = conn.execute(

@@ -91,6 +91,7 @@ class HostsConfig:
     recovery_grace: float = 2.0  # past a step's hard limit (its limit + 5 s) before a re-drive
     recovery_interval: float = 1.0
     concurrency: int = 2
+    service_latency: float = 0.3  # each participant call (SERVICE_LATENCY)
     seed: int = 11
     settle_s: float = 0.0  # 0: derived from the step limit
 
@@ -196,6 +197,9 @@ class Hosts:
             SAGAS_IMPORTS="", PYTHONPATH=str(ROOT), CI=os.environ.get("CI", ""),
             RECOVERY_INTERVAL=str(self.cfg.recovery_interval),
             ORDER_STEP_TIME_LIMIT=str(self.cfg.step_time_limit), FAULT_RATE="0",
+            # Steps as long as a remote call: the fault finds one running, not just ending
+            # (a kill after the step's commit and before Celery's log line is no re-drive).
+            SERVICE_LATENCY=str(self.cfg.service_latency),
             RECOVERY_GRACE=str(self.cfg.recovery_grace),
             STARTING_STOCK=json.dumps({"laptop": 100_000, "phone": 100_000, "book": 100_000}),
             # One order per customer at a time (the sample's semantic lock, under the faults);
