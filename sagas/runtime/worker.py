@@ -194,13 +194,21 @@ def _run_step(task: Task, ctx: StepContext, args: tuple[Any, ...]) -> Any:
     if saga is not None:
         try:
             record_success(binding, saga, ctx, attempt, result)
-        except StoreUnavailableError:
-            # The effect happened; only its record waits. The outcome goes to the saga queue,
-            # whose task records it once the store answers: never a failed step.
-            task.app.send_task(
-                STEP_SUCCEEDED_TASK, args=(result, saga_id, ctx.step, phase, attempt),
-                queue=binding.settings.saga_queue,
-            )
+        except Exception as exc:
+            # The effect happened; only its record failed: the store is down, or the soft time
+            # limit struck the recording statement (a database cut off). The outcome goes to
+            # the saga queue, whose task records it once the store answers: never a failed
+            # step. If even that cannot be sent, the failure says the outcome is unknown.
+            if not isinstance(exc, StoreUnavailableError):
+                log.warning("saga %s: %s succeeded, recording it failed (%s): handed to the "
+                            "saga queue", saga_id, ctx.step, describe(exc))
+            try:
+                task.app.send_task(
+                    STEP_SUCCEEDED_TASK, args=(result, saga_id, ctx.step, phase, attempt),
+                    queue=binding.settings.saga_queue,
+                )
+            except Exception as send_exc:
+                raise StepOutcomeUnknown(describe(send_exc)) from exc
     else:
         # This process cannot decide for a saga it does not know; the coordinator can.
         task.app.send_task(

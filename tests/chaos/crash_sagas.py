@@ -15,7 +15,10 @@ is planned in the saga input under ``plan.<step>`` (``undo_plan.<step>`` for com
   transition that records this step's success: the coordinator dies mid-transition),
   ``store_down_on_record`` (once the effect is applied, the first SQL statement recording the
   step's success waits until a test took the database down: it writes marker
-  ``<tag>.recording`` and waits for ``<tag>.db-down``; see tests/integration/test_store_outage.py).
+  ``<tag>.recording`` and waits for ``<tag>.db-down``; see tests/integration/test_store_outage.py),
+  ``soft_limit_on_record`` (once the effect is applied, the first SQL statement recording the
+  step's success raises ``SoftTimeLimitExceeded``, as billiard's signal handler does when the
+  soft limit strikes a statement stuck on a cut-off database).
 
 ``t_two_pools`` runs its middle step on a queue of its own (``crashy_b``), so a test can keep
 that pool down while the others run. ``t_limited_pivot``'s pivot has a 2 s time limit.
@@ -45,6 +48,7 @@ FAST = RetryPolicy(attempts=3, backoff=0.05, backoff_max=0.2)
 
 _kill_at_commit = False
 _outage_at_record: str | None = None  # the tag of a step whose success recording must fail
+_soft_limit_at_record = False
 
 
 def crash_dir(root: Path | None = None) -> Path:
@@ -78,7 +82,10 @@ def _die_while_committing(conn: Any) -> None:
 def _wait_for_the_outage(*_: Any) -> None:
     """The first statement after a ``store_down_on_record`` effect: let the test stop the
     database now, then go on (and meet a server that is gone)."""
-    global _outage_at_record
+    global _outage_at_record, _soft_limit_at_record
+    if _soft_limit_at_record:
+        _soft_limit_at_record = False
+        raise SoftTimeLimitExceeded()
     tag, _outage_at_record = _outage_at_record, None
     if tag is None:
         return
@@ -126,7 +133,7 @@ def _sleep(seconds: float, past_soft_limit: bool) -> None:
 
 
 def _run(ctx: dict[str, Any]) -> dict[str, Any]:
-    global _kill_at_commit, _outage_at_record
+    global _kill_at_commit, _outage_at_record, _soft_limit_at_record
     phase = ctx["phase"]
     plans = ctx["input"].get("plan" if phase == "action" else "undo_plan", {})
     plan = plans.get(ctx["step"], {})
@@ -160,6 +167,8 @@ def _run(ctx: dict[str, Any]) -> dict[str, Any]:
         _kill_at_commit = True
     if crash == "store_down_on_record" and _once(tag):
         _outage_at_record = tag
+    if crash == "soft_limit_on_record" and _once(tag):
+        _soft_limit_at_record = True
     with open(crash_dir() / "times.log", "a") as log:
         log.write(f"{ctx['saga_id']} {ctx['step']} {phase} {ctx['attempt']} end "
                   f"{time.time():.3f}\n")

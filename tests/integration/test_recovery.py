@@ -413,6 +413,21 @@ def test_coordinator_killed_mid_transition_is_redriven(live: Cluster):
     runs_after_a_kill(live, saga_id, "b")
 
 
+def test_a_soft_time_limit_while_its_success_is_recorded_fails_no_step(live: Cluster):
+    """The step's effect is applied, then its soft limit strikes the statement recording it.
+
+    Found by the several-hosts partition in ``make chaos``: a charge committed, the host was cut
+    off while recording it, and the soft limit fired in that statement once the cut healed. The
+    raw ``SoftTimeLimitExceeded`` reached the failure handler as a definite failure: the step
+    FAILED uncompensated, the saga COMPENSATED with the charge in place ("charged and not
+    refunded"). The effect is known to have happened: the step must succeed."""
+    saga_id = start(live, {"b": {"crash": "soft_limit_on_record"}})
+    view = live.wait_for(saga_id, timeout=60)
+    assert [s["state"] for s in view["steps"]] == ["SUCCEEDED", "SUCCEEDED", "SUCCEEDED"]
+    assert view["state"] == "COMPLETED"
+    assert live.calls(saga_id, "a", "compensation") == 0
+
+
 def test_redis_restarted_empty_loses_no_saga(live: Cluster):
     """Every queued message lost (Redis restarted empty; RabbitMQ: see restart_broker)."""
     live.workers["w"].stop()  # nobody consumes: the first steps wait in the broker
